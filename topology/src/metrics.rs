@@ -1,0 +1,426 @@
+//! Link quality estimation from probe events.
+//!
+//! A [`LinkMetrics`] is fed with what a prober sees on one directed link:
+//! probes sent, echoes received, probes that timed out, and (optionally)
+//! loss counts the peer reports for data it received from us. It keeps a
+//! smoothed RTT, the RFC 3550 interarrival jitter and the loss over a sliding
+//! time window, plus the sample count and the age of the last echo so that a
+//! stale or never-measured link is recognisable. Time is always an argument.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::Metrics;
+
+/// Tuning of a [`LinkMetrics`] estimator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkMetricsConfig {
+    /// Weight of a new RTT sample in the smoothed RTT (RFC 6298 uses 1/8).
+    pub rtt_gain: f64,
+    /// A probe without an echo after this long counts as lost.
+    pub probe_timeout: Duration,
+    /// Loss is the fraction lost among observations younger than this.
+    pub loss_window: Duration,
+    /// Consecutive lost probes after which the link is considered dead.
+    pub dead_after_losses: u32,
+    /// Probes tracked at once; older ones count as lost when exceeded, which
+    /// bounds memory when a peer never answers.
+    pub max_outstanding: usize,
+}
+
+impl Default for LinkMetricsConfig {
+    fn default() -> Self {
+        Self {
+            rtt_gain: 1.0 / 8.0,
+            probe_timeout: Duration::from_millis(1500),
+            loss_window: Duration::from_secs(10),
+            dead_after_losses: 3,
+            max_outstanding: 64,
+        }
+    }
+}
+
+/// Liveness of a link as far as probing can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkHealth {
+    /// No echo received yet.
+    Unmeasured,
+    /// Echoes arrive.
+    Alive,
+    /// The last `dead_after_losses` probes were all lost.
+    Dead,
+}
+
+/// A point-in-time summary of a link, as reported to routing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Smoothed RTT; `None` until the first echo.
+    pub rtt: Option<Duration>,
+    /// RFC 3550 interarrival jitter of the RTT samples.
+    pub jitter: Duration,
+    /// Fraction of probes and reported data lost within the loss window.
+    pub loss: f64,
+    /// Observations (probes and reported packets) behind `loss`.
+    pub loss_samples: u64,
+    /// Number of RTT samples ever taken.
+    pub samples: u64,
+    /// Time since the last echo; `None` if there never was one.
+    pub age: Option<Duration>,
+    /// Probes lost in a row since the last echo.
+    pub consecutive_losses: u32,
+    /// Liveness derived from the above.
+    pub health: LinkHealth,
+}
+
+impl LinkStats {
+    /// The metrics routing uses, or `None` when the link has never been
+    /// measured or is dead.
+    pub fn metrics(&self) -> Option<Metrics> {
+        if self.health != LinkHealth::Alive {
+            return None;
+        }
+        let rtt = self.rtt?;
+        Some(Metrics {
+            rtt_ms: rtt.as_secs_f64() * 1e3,
+            jitter_ms: self.jitter.as_secs_f64() * 1e3,
+            loss: self.loss,
+        })
+    }
+
+    /// True when the last echo is older than `max_age` (or there was none).
+    pub fn is_stale(&self, max_age: Duration) -> bool {
+        self.age.is_none_or(|age| age > max_age)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LossObservation {
+    at: Instant,
+    sent: u64,
+    lost: u64,
+}
+
+/// RTT, jitter and loss estimator for one directed link.
+#[derive(Debug, Clone)]
+pub struct LinkMetrics {
+    config: LinkMetricsConfig,
+    srtt: Option<f64>,
+    last_rtt: Option<f64>,
+    jitter: f64,
+    outstanding: VecDeque<(u64, Instant)>,
+    observations: VecDeque<LossObservation>,
+    samples: u64,
+    last_echo: Option<Instant>,
+    consecutive_losses: u32,
+}
+
+impl LinkMetrics {
+    /// A fresh estimator with no samples.
+    pub fn new(config: LinkMetricsConfig) -> Self {
+        Self {
+            config,
+            srtt: None,
+            last_rtt: None,
+            jitter: 0.0,
+            outstanding: VecDeque::new(),
+            observations: VecDeque::new(),
+            samples: 0,
+            last_echo: None,
+            consecutive_losses: 0,
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &LinkMetricsConfig {
+        &self.config
+    }
+
+    /// A probe with sequence number `seq` left at `now`.
+    pub fn on_probe_sent(&mut self, seq: u64, now: Instant) {
+        if self.outstanding.len() >= self.config.max_outstanding
+            && let Some((_, sent)) = self.outstanding.pop_front()
+        {
+            self.record_loss(sent.max(now));
+        }
+        self.outstanding.push_back((seq, now));
+    }
+
+    /// The echo of probe `seq` arrived at `now`. Returns the RTT sample, or
+    /// `None` for an unknown, duplicate or already timed-out probe.
+    pub fn on_echo(&mut self, seq: u64, now: Instant) -> Option<Duration> {
+        let pos = self.outstanding.iter().position(|&(s, _)| s == seq)?;
+        let (_, sent) = self.outstanding.remove(pos)?;
+        let rtt = now.checked_duration_since(sent)?.as_secs_f64();
+        self.srtt = Some(match self.srtt {
+            None => rtt,
+            Some(srtt) => srtt + self.config.rtt_gain * (rtt - srtt),
+        });
+        // RFC 3550 section 6.4.1: J += (|D| - J) / 16, where D is the change
+        // in transit time between consecutive samples.
+        if let Some(prev) = self.last_rtt {
+            self.jitter += ((rtt - prev).abs() - self.jitter) / 16.0;
+        }
+        self.last_rtt = Some(rtt);
+        self.samples += 1;
+        self.last_echo = Some(now);
+        self.consecutive_losses = 0;
+        self.push_observation(LossObservation {
+            at: now,
+            sent: 1,
+            lost: 0,
+        });
+        Some(Duration::from_secs_f64(rtt))
+    }
+
+    /// Probe `seq` is declared lost (its timeout fired). Unknown sequence
+    /// numbers are ignored.
+    pub fn on_probe_timeout(&mut self, seq: u64, now: Instant) {
+        if let Some(pos) = self.outstanding.iter().position(|&(s, _)| s == seq) {
+            self.outstanding.remove(pos);
+            self.record_loss(now);
+        }
+    }
+
+    /// Declares every probe older than the probe timeout lost. Drivers call
+    /// this at [`LinkMetrics::next_timeout`].
+    pub fn expire_probes(&mut self, now: Instant) {
+        while let Some(&(_, sent)) = self.outstanding.front() {
+            if now.saturating_duration_since(sent) < self.config.probe_timeout {
+                break;
+            }
+            self.outstanding.pop_front();
+            self.record_loss(now);
+        }
+    }
+
+    /// When the oldest outstanding probe times out.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.outstanding
+            .front()
+            .map(|&(_, sent)| sent + self.config.probe_timeout)
+    }
+
+    /// The peer reports that of `sent` data packets we sent it over the last
+    /// report interval, `lost` never arrived. Data makes loss estimates far
+    /// more precise than probes alone when traffic flows.
+    pub fn on_loss_report(&mut self, sent: u64, lost: u64, now: Instant) {
+        if sent == 0 {
+            return;
+        }
+        self.push_observation(LossObservation {
+            at: now,
+            sent,
+            lost: lost.min(sent),
+        });
+    }
+
+    /// Current estimates.
+    pub fn stats(&self, now: Instant) -> LinkStats {
+        let horizon = now.checked_sub(self.config.loss_window);
+        let (sent, lost) = self
+            .observations
+            .iter()
+            .rev()
+            .take_while(|o| horizon.is_none_or(|h| o.at >= h))
+            .fold((0u64, 0u64), |(s, l), o| (s + o.sent, l + o.lost));
+        let health = if self.consecutive_losses >= self.config.dead_after_losses {
+            LinkHealth::Dead
+        } else if self.samples == 0 {
+            LinkHealth::Unmeasured
+        } else {
+            LinkHealth::Alive
+        };
+        LinkStats {
+            rtt: self.srtt.map(Duration::from_secs_f64),
+            jitter: Duration::from_secs_f64(self.jitter),
+            loss: if sent == 0 {
+                0.0
+            } else {
+                lost as f64 / sent as f64
+            },
+            loss_samples: sent,
+            samples: self.samples,
+            age: self.last_echo.map(|t| now.saturating_duration_since(t)),
+            consecutive_losses: self.consecutive_losses,
+            health,
+        }
+    }
+
+    fn record_loss(&mut self, now: Instant) {
+        self.consecutive_losses = self.consecutive_losses.saturating_add(1);
+        self.push_observation(LossObservation {
+            at: now,
+            sent: 1,
+            lost: 1,
+        });
+    }
+
+    fn push_observation(&mut self, obs: LossObservation) {
+        self.observations.push_back(obs);
+        // Keep only what the loss window can still see.
+        if let Some(horizon) = obs.at.checked_sub(self.config.loss_window) {
+            while self.observations.front().is_some_and(|o| o.at < horizon) {
+                self.observations.pop_front();
+            }
+        }
+    }
+}
+
+impl Default for LinkMetrics {
+    fn default() -> Self {
+        Self::new(LinkMetricsConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn unmeasured_until_first_echo() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        assert_eq!(m.stats(t0).health, LinkHealth::Unmeasured);
+        assert!(m.stats(t0).metrics().is_none());
+        m.on_probe_sent(1, t0);
+        assert_eq!(m.on_echo(1, t0 + ms(40)), Some(ms(40)));
+        let s = m.stats(t0 + ms(40));
+        assert_eq!(s.health, LinkHealth::Alive);
+        assert_eq!(s.rtt, Some(ms(40)));
+        assert_eq!(s.samples, 1);
+        assert_eq!(s.age, Some(Duration::ZERO));
+        assert!((s.metrics().unwrap().rtt_ms - 40.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn smoothed_rtt_follows_rfc6298_gain() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        m.on_probe_sent(1, t0);
+        m.on_echo(1, t0 + ms(100));
+        m.on_probe_sent(2, t0 + ms(500));
+        m.on_echo(2, t0 + ms(500) + ms(180));
+        // 100 + (180 - 100) / 8 = 110
+        let rtt = m.stats(t0 + ms(700)).rtt.unwrap();
+        assert!((rtt.as_secs_f64() * 1e3 - 110.0).abs() < 1e-6, "{rtt:?}");
+    }
+
+    #[test]
+    fn jitter_is_rfc3550_interarrival() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        let rtts = [50u64, 60, 50, 60, 50];
+        let mut expected = 0.0f64;
+        for (i, &r) in rtts.iter().enumerate() {
+            let sent = t0 + ms(500 * i as u64);
+            m.on_probe_sent(i as u64, sent);
+            m.on_echo(i as u64, sent + ms(r));
+            if i > 0 {
+                expected += (10.0 - expected) / 16.0;
+            }
+        }
+        let j = m.stats(t0 + ms(3000)).jitter.as_secs_f64() * 1e3;
+        assert!((j - expected).abs() < 1e-6, "{j} vs {expected}");
+    }
+
+    #[test]
+    fn loss_over_sliding_window_and_dead_detection() {
+        let t0 = Instant::now();
+        let cfg = LinkMetricsConfig {
+            loss_window: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let mut m = LinkMetrics::new(cfg);
+        // 10 probes, every 500 ms; the 3rd and 7th are lost.
+        for i in 0..10u64 {
+            let at = t0 + ms(500 * i);
+            m.on_probe_sent(i, at);
+            if i == 2 || i == 6 {
+                m.on_probe_timeout(i, at + ms(1500));
+            } else {
+                m.on_echo(i, at + ms(20));
+            }
+        }
+        let s = m.stats(t0 + ms(4600));
+        assert_eq!(s.loss_samples, 10);
+        assert!((s.loss - 0.2).abs() < 1e-9);
+        assert_eq!(s.health, LinkHealth::Alive);
+        // Later everything is lost: old observations leave the window and
+        // three losses in a row mark the link dead.
+        for i in 10..22u64 {
+            let at = t0 + ms(500 * i);
+            m.on_probe_sent(i, at);
+            m.expire_probes(at);
+        }
+        let now = t0 + ms(500 * 22);
+        m.expire_probes(now);
+        let s = m.stats(now);
+        assert_eq!(s.health, LinkHealth::Dead);
+        assert!(s.loss > 0.9, "{s:?}");
+        assert!(s.metrics().is_none());
+        assert!(s.is_stale(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn late_duplicate_and_unknown_echoes_are_ignored() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        m.on_probe_sent(1, t0);
+        m.expire_probes(t0 + ms(2000));
+        assert_eq!(m.on_echo(1, t0 + ms(2100)), None);
+        assert_eq!(m.on_echo(99, t0 + ms(2100)), None);
+        m.on_probe_sent(2, t0 + ms(2200));
+        assert!(m.on_echo(2, t0 + ms(2250)).is_some());
+        assert_eq!(m.on_echo(2, t0 + ms(2260)), None);
+        assert_eq!(m.stats(t0 + ms(2300)).samples, 1);
+    }
+
+    #[test]
+    fn outstanding_probes_are_bounded() {
+        let t0 = Instant::now();
+        let cfg = LinkMetricsConfig {
+            max_outstanding: 4,
+            ..Default::default()
+        };
+        let mut m = LinkMetrics::new(cfg);
+        for i in 0..100u64 {
+            m.on_probe_sent(i, t0 + ms(i));
+        }
+        assert_eq!(m.outstanding.len(), 4);
+        assert_eq!(m.stats(t0 + ms(100)).consecutive_losses, 96);
+    }
+
+    #[test]
+    fn data_loss_reports_weigh_by_packets() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        m.on_probe_sent(1, t0);
+        m.on_echo(1, t0 + ms(10));
+        m.on_loss_report(999, 99, t0 + ms(20));
+        let s = m.stats(t0 + ms(30));
+        assert_eq!(s.loss_samples, 1000);
+        assert!((s.loss - 0.099).abs() < 1e-9);
+        // Nonsense reports cannot push loss above 100 %.
+        m.on_loss_report(10, 50, t0 + ms(40));
+        assert!(m.stats(t0 + ms(50)).loss <= 1.0);
+    }
+
+    #[test]
+    fn next_timeout_tracks_oldest_probe() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        assert_eq!(m.next_timeout(), None);
+        m.on_probe_sent(1, t0);
+        m.on_probe_sent(2, t0 + ms(500));
+        assert_eq!(m.next_timeout(), Some(t0 + ms(1500)));
+        m.on_echo(1, t0 + ms(600));
+        assert_eq!(m.next_timeout(), Some(t0 + ms(2000)));
+    }
+}

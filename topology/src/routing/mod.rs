@@ -1,0 +1,890 @@
+//! All-pairs route computation: primary and backup paths with hysteresis.
+//!
+//! # Objective
+//! For each ordered pair the router minimises poor paths first and cost
+//! second. A path containing a poor link is poor (every metric only grows
+//! along a path), so the router first searches the subgraph of non-poor
+//! links: the cheapest path there, if it is not poor as a whole, is optimal.
+//! Otherwise (no such path, or one that is poor by its sums) it also takes
+//! the cheapest path over all links and the direct link, and keeps the best
+//! of the three. Finding a non-poor path that is not the cheapest in its
+//! subgraph is a constrained shortest-path problem (NP-hard); beyond the
+//! direct link we do not attempt it.
+//!
+//! # Backups
+//! The backup of a pair shares no link with its primary and, where the graph
+//! allows, no transit relay. It is the cheapest of the direct link and the
+//! two-hop paths through a relay off the primary; only when none exists does
+//! the router search longer paths (first avoiding the primary's transit
+//! relays and links, then only its links). In a mesh that search is rare.
+//!
+//! # Hysteresis
+//! With the previous route set given, a pair keeps its current primary
+//! unless that path is broken (a link gone, a relay down or no longer
+//! allowed to carry transit), or the new best is clearly better: not poor
+//! while the current is poor, or at the same quality level with a cost
+//! below `switch_ratio` times the current cost. Requiring the margin between
+//! two poor paths as well keeps pairs without a good path from flapping.
+//!
+//! # Complexity
+//! Dense Dijkstra is `O(n^2)` per source and the two-hop backup scan
+//! `O(n^2)` per source, so `O(n^3)` in all over tight arrays; see the
+//! `routes` benchmark.
+
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+mod kernels;
+use kernels::argmin;
+
+use crate::cost::{CostModel, Metrics};
+use crate::graph::{Graph, RelayId};
+use crate::table::{Route, RouteEntry, RouteTable};
+
+/// Everything that steers route computation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Link cost and the poor-path bar.
+    pub cost: CostModel,
+    /// A pair moves to a new primary of the same quality level only when
+    /// its cost is below this fraction of the current path's cost.
+    pub switch_ratio: f64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            cost: CostModel::default(),
+            switch_ratio: 0.9,
+        }
+    }
+}
+
+/// Route tables for every source relay of a graph.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteSet {
+    tables: Vec<RouteTable>,
+}
+
+/// Summary of the changes between two route sets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSetChanges {
+    /// Pairs that gained a route.
+    pub added: usize,
+    /// Pairs that lost their route.
+    pub removed: usize,
+    /// Pairs whose primary path changed.
+    pub primary_changed: usize,
+    /// Pairs whose backup path changed.
+    pub backup_changed: usize,
+}
+
+impl RouteSet {
+    /// Computes primary and backup routes for every pair of non-down
+    /// relays. With `previous`, pairs keep their current primary unless the
+    /// hysteresis rule above says to move.
+    pub fn compute(graph: &Graph, config: &RoutingConfig, previous: Option<&RouteSet>) -> RouteSet {
+        let mut dense = Dense::new(graph, &config.cost);
+        let mut work = Workspace::new(dense.n);
+        let tables = (0..dense.n)
+            .map(|s| {
+                let prev = previous.and_then(|p| p.table(dense.ids[s]));
+                dense.table_for(s, config, prev, &mut work)
+            })
+            .collect();
+        RouteSet { tables }
+    }
+
+    /// A set made of given tables (sorted by source).
+    pub fn from_tables(mut tables: Vec<RouteTable>) -> RouteSet {
+        tables.sort_by_key(|t| t.source());
+        tables.dedup_by_key(|t| t.source());
+        RouteSet { tables }
+    }
+
+    /// All tables, in source order.
+    pub fn tables(&self) -> &[RouteTable] {
+        &self.tables
+    }
+
+    /// Consumes the set into its tables.
+    pub fn into_tables(self) -> Vec<RouteTable> {
+        self.tables
+    }
+
+    /// The table of one source.
+    pub fn table(&self, source: RelayId) -> Option<&RouteTable> {
+        self.tables
+            .binary_search_by_key(&source, |t| t.source())
+            .ok()
+            .map(|i| &self.tables[i])
+    }
+
+    /// Routes for one pair.
+    pub fn route(&self, source: RelayId, destination: RelayId) -> Option<&RouteEntry> {
+        self.table(source)?.get(destination)
+    }
+
+    /// Stamps every table with `epoch`.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        for t in &mut self.tables {
+            t.set_epoch(epoch);
+        }
+    }
+
+    /// Number of pairs with a route.
+    pub fn pair_count(&self) -> usize {
+        self.tables.iter().map(|t| t.entries().len()).sum()
+    }
+
+    /// Counts what changed from `self` to `newer`.
+    pub fn changes(&self, newer: &RouteSet) -> RouteSetChanges {
+        let mut c = RouteSetChanges::default();
+        let empty = |s| RouteTable::empty(s);
+        let mut sources: Vec<RelayId> = self
+            .tables
+            .iter()
+            .chain(&newer.tables)
+            .map(|t| t.source())
+            .collect();
+        sources.sort();
+        sources.dedup();
+        for s in sources {
+            let (a, b) = (self.table(s).cloned(), newer.table(s).cloned());
+            let d = a
+                .unwrap_or_else(|| empty(s))
+                .diff(&b.unwrap_or_else(|| empty(s)));
+            c.added += d.added.len();
+            c.removed += d.removed.len();
+            c.primary_changed += d.primary_changed.len();
+            c.backup_changed += d.backup_changed.len();
+        }
+        c
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
+/// A path over relay indices with its quality, before it becomes a [`Route`].
+#[derive(Debug, Clone)]
+struct Path {
+    idx: SmallVec<[u32; 6]>,
+    metrics: Metrics,
+    cost: f64,
+    poor: bool,
+}
+
+impl Path {
+    fn transit(&self) -> &[u32] {
+        &self.idx[1..self.idx.len() - 1]
+    }
+
+    fn beats(&self, other: &Path) -> bool {
+        better((self.poor, self.cost), (other.poor, other.cost))
+    }
+}
+
+/// Lexicographic order of the router's objective: not poor beats poor,
+/// then lower cost.
+fn better(a: (bool, f64), b: (bool, f64)) -> bool {
+    let (a_poor, a_cost) = a;
+    let (b_poor, b_cost) = b;
+    (!a_poor && b_poor) || (a_poor == b_poor && a_cost < b_cost)
+}
+
+/// The graph as dense matrices over the relays that are not down.
+struct Dense {
+    n: usize,
+    /// Relay ids in increasing order; a relay's index is its position.
+    ids: Vec<RelayId>,
+    transit: Vec<bool>,
+    /// Link cost, `INFINITY` where there is no link (and on the diagonal).
+    /// `f32` halves memory traffic and doubles SIMD width in the `O(n^3)`
+    /// loops. Route costs are these link costs summed.
+    cost: Vec<f32>,
+    /// Like `cost` but `INFINITY` on poor links too; `None` if no link is poor.
+    good_cost: Option<Vec<f32>>,
+    /// Link metrics, compact so that more of the matrix stays in cache.
+    metrics: Vec<CompactMetrics>,
+    model: CostModel,
+}
+
+/// [`Metrics`] of one link in single precision.
+#[derive(Debug, Clone, Copy, Default)]
+struct CompactMetrics {
+    rtt_ms: f32,
+    jitter_ms: f32,
+    loss: f32,
+}
+
+impl CompactMetrics {
+    fn widen(self) -> Metrics {
+        Metrics {
+            rtt_ms: f64::from(self.rtt_ms),
+            jitter_ms: f64::from(self.jitter_ms),
+            loss: f64::from(self.loss),
+        }
+    }
+}
+
+/// Scratch buffers reused across sources.
+struct Workspace {
+    full: Tree,
+    good: Tree,
+    scratch: Tree,
+    /// Relays whose cheapest path crosses a poor link, and their tentative
+    /// distances in the non-poor subgraph.
+    poor_set: Vec<usize>,
+    poor_keys: Vec<f32>,
+    /// Cheapest two-hop path to each destination off its primary: cost and
+    /// intermediate relay.
+    two_hop_cost: Vec<f32>,
+    two_hop_via: Vec<u32>,
+    spare_cost: Vec<f32>,
+    spare_via: Vec<u32>,
+    /// `(m, d)`: the primary to `d` runs through `m`, sorted by `m`.
+    on_primary: Vec<(u32, u32)>,
+    saved: Vec<f32>,
+    /// Destinations in the order backups are computed.
+    visit: Vec<u32>,
+}
+
+impl Workspace {
+    fn new(n: usize) -> Self {
+        Self {
+            full: Tree::new(n),
+            good: Tree::new(n),
+            scratch: Tree::new(n),
+            poor_set: Vec::with_capacity(n),
+            poor_keys: Vec::with_capacity(n),
+            two_hop_cost: vec![f32::INFINITY; n],
+            two_hop_via: vec![NONE; n],
+            spare_cost: vec![f32::INFINITY; n],
+            spare_via: vec![NONE; n],
+            on_primary: Vec::with_capacity(2 * n),
+            saved: Vec::with_capacity(n),
+            visit: Vec::with_capacity(n),
+        }
+    }
+}
+
+/// A shortest-path tree from one source.
+struct Tree {
+    /// Distances. During the search a settled relay's distance is stored
+    /// negated: relaxation (`candidate < dist`, candidates are never
+    /// negative) then leaves it alone, and the minimum scan skips it because
+    /// negative floats compare above infinity as bit patterns. No separate
+    /// flag array is needed in the two hot loops.
+    dist: Vec<f32>,
+    parent: Vec<u32>,
+    /// Scratch for [`kernels::relax`].
+    spare_dist: Vec<f32>,
+    spare_parent: Vec<u32>,
+    /// Relays in settle order (parents before children).
+    order: Vec<u32>,
+    metrics: Vec<Metrics>,
+    /// Whether the tree path crosses a poor link.
+    uses_poor: Vec<bool>,
+}
+
+impl Tree {
+    fn new(n: usize) -> Self {
+        Self {
+            dist: vec![f32::INFINITY; n],
+            parent: vec![NONE; n],
+            spare_dist: vec![f32::INFINITY; n],
+            spare_parent: vec![NONE; n],
+            order: Vec::with_capacity(n),
+            metrics: vec![Metrics::default(); n],
+            uses_poor: vec![false; n],
+        }
+    }
+
+    fn reachable(&self, v: usize) -> bool {
+        self.dist[v].is_finite()
+    }
+
+    fn path_idx(&self, src: usize, dst: usize) -> SmallVec<[u32; 6]> {
+        let mut idx = SmallVec::new();
+        let mut v = dst as u32;
+        while v != NONE {
+            idx.push(v);
+            if v as usize == src {
+                break;
+            }
+            v = self.parent[v as usize];
+        }
+        idx.reverse();
+        idx
+    }
+}
+
+impl Dense {
+    fn new(graph: &Graph, model: &CostModel) -> Dense {
+        let relays: Vec<_> = graph
+            .relays()
+            .filter(|(_, s)| s.allows_endpoint())
+            .collect();
+        let n = relays.len();
+        let ids: Vec<RelayId> = relays.iter().map(|&(id, _)| id).collect();
+        let transit = relays.iter().map(|(_, s)| s.allows_transit()).collect();
+        let mut cost = vec![f32::INFINITY; n * n];
+        let mut metrics = vec![CompactMetrics::default(); n * n];
+        let mut poor_links = Vec::new();
+        for (from, to, m) in graph.links() {
+            let (Ok(u), Ok(v)) = (ids.binary_search(&from), ids.binary_search(&to)) else {
+                continue;
+            };
+            cost[u * n + v] = model.link_cost(m) as f32;
+            metrics[u * n + v] = CompactMetrics {
+                rtt_ms: m.rtt_ms as f32,
+                jitter_ms: m.jitter_ms as f32,
+                loss: m.loss as f32,
+            };
+            if model.is_poor(m) {
+                poor_links.push(u * n + v);
+            }
+        }
+        let good_cost = (!poor_links.is_empty()).then(|| {
+            let mut good = cost.clone();
+            for i in poor_links {
+                good[i] = f32::INFINITY;
+            }
+            good
+        });
+        Dense {
+            n,
+            ids,
+            transit,
+            cost,
+            good_cost,
+            metrics,
+            model: *model,
+        }
+    }
+
+    fn index(&self, id: RelayId) -> Option<usize> {
+        self.ids.binary_search(&id).ok()
+    }
+
+    fn is_poor_link(&self, u: usize, v: usize) -> bool {
+        self.good_cost
+            .as_ref()
+            .is_some_and(|g| g[u * self.n + v].is_infinite())
+    }
+
+    /// Evaluates a path of relay indices on the current graph; `None` when a
+    /// link is missing or a transit relay may not carry transit.
+    fn evaluate(&self, idx: SmallVec<[u32; 6]>) -> Option<Path> {
+        if idx.len() < 2
+            || idx[1..idx.len() - 1]
+                .iter()
+                .any(|&i| !self.transit[i as usize])
+        {
+            return None;
+        }
+        let (mut metrics, mut cost) = (Metrics::default(), 0.0f64);
+        for w in idx.windows(2) {
+            let link = w[0] as usize * self.n + w[1] as usize;
+            if !self.cost[link].is_finite() {
+                return None;
+            }
+            metrics = metrics.then(&self.metrics[link].widen());
+            cost += f64::from(self.cost[link]);
+        }
+        Some(Path {
+            idx,
+            metrics,
+            cost,
+            poor: self.model.is_poor(&metrics),
+        })
+    }
+
+    fn to_route(&self, p: Path) -> Route {
+        Route {
+            hops: p.idx.iter().map(|&i| self.ids[i as usize]).collect(),
+            metrics: p.metrics,
+            cost: p.cost,
+            poor: p.poor,
+        }
+    }
+
+    fn tree_path(&self, t: &Tree, s: usize, d: usize) -> Path {
+        Path {
+            idx: t.path_idx(s, d),
+            metrics: t.metrics[d],
+            cost: f64::from(t.dist[d]),
+            poor: self.model.is_poor(&t.metrics[d]),
+        }
+    }
+
+    /// Dijkstra over a dense cost matrix. Relays that do not allow transit
+    /// are reached but not expanded (except the source). Both inner loops
+    /// are branch-free over contiguous arrays so that they vectorise.
+    fn shortest_tree(&self, costs: &[f32], src: usize, t: &mut Tree) {
+        let n = self.n;
+        t.dist.fill(f32::INFINITY);
+        t.parent.fill(NONE);
+        t.order.clear();
+        t.dist[src] = 0.0;
+        while let Some(u) = argmin(&t.dist) {
+            let du = t.dist[u];
+            t.dist[u] = -du;
+            t.order.push(u as u32);
+            if u != src && !self.transit[u] {
+                continue;
+            }
+            let row = &costs[u * n..(u + 1) * n];
+            kernels::relax(
+                &mut t.dist,
+                &mut t.parent,
+                &mut t.spare_dist,
+                &mut t.spare_parent,
+                row,
+                du,
+                u as u32,
+            );
+        }
+        for d in &mut t.dist {
+            *d = d.abs();
+        }
+        // Path metrics in settle order: parents come first.
+        t.metrics[src] = Metrics::default();
+        t.uses_poor[src] = false;
+        for &v in &t.order[1..] {
+            let (v, p) = (v as usize, t.parent[v as usize] as usize);
+            t.metrics[v] = t.metrics[p].then(&self.metrics[p * n + v].widen());
+            t.uses_poor[v] = t.uses_poor[p] || self.is_poor_link(p, v);
+        }
+    }
+
+    /// The cheapest paths over non-poor links, built from the full tree:
+    /// a relay whose cheapest path crosses no poor link has the same path
+    /// there, so only the others need a search. Returns false when no
+    /// relay needs one (then `work.good` is stale and unused).
+    fn good_tree(&self, s: usize, work: &mut Workspace) -> bool {
+        let Some(costs) = &self.good_cost else {
+            return false;
+        };
+        let n = self.n;
+        let (full, good) = (&work.full, &mut work.good);
+        let poor_set = &mut work.poor_set;
+        poor_set.clear();
+        poor_set.extend((0..n).filter(|&v| full.uses_poor[v] && full.reachable(v)));
+        if poor_set.is_empty() {
+            return false;
+        }
+        good.dist.copy_from_slice(&full.dist);
+        good.parent.copy_from_slice(&full.parent);
+        good.metrics.copy_from_slice(&full.metrics);
+        good.uses_poor.fill(false);
+        good.order.clear();
+        good.order
+            .extend(full.order.iter().filter(|&&v| !full.uses_poor[v as usize]));
+        for &v in poor_set.iter() {
+            good.dist[v] = f32::INFINITY;
+            good.parent[v] = NONE;
+        }
+        // Tentative distances from every settled relay that may forward...
+        let keys = &mut work.poor_keys;
+        keys.clear();
+        keys.resize(poor_set.len(), f32::INFINITY);
+        for &u in &good.order {
+            let u = u as usize;
+            if u != s && !self.transit[u] {
+                continue;
+            }
+            let (du, row) = (good.dist[u], &costs[u * n..(u + 1) * n]);
+            for (k, &v) in keys.iter_mut().zip(poor_set.iter()) {
+                let candidate = du + row[v];
+                if candidate < *k {
+                    *k = candidate;
+                    good.parent[v] = u as u32;
+                }
+            }
+        }
+        // ...then Dijkstra among the remaining relays.
+        while let Some(i) = argmin(keys) {
+            let u = poor_set[i];
+            let du = keys[i];
+            keys[i] = f32::INFINITY;
+            good.dist[u] = du;
+            good.order.push(u as u32);
+            let p = good.parent[u] as usize;
+            good.metrics[u] = good.metrics[p].then(&self.metrics[p * n + u].widen());
+            if !self.transit[u] {
+                continue;
+            }
+            let row = &costs[u * n..(u + 1) * n];
+            for (k, &v) in keys.iter_mut().zip(poor_set.iter()) {
+                let candidate = du + row[v];
+                if candidate < *k && candidate < good.dist[v] {
+                    *k = candidate;
+                    good.parent[v] = u as u32;
+                }
+            }
+        }
+        true
+    }
+
+    fn table_for(
+        &mut self,
+        s: usize,
+        config: &RoutingConfig,
+        previous: Option<&RouteTable>,
+        work: &mut Workspace,
+    ) -> RouteTable {
+        // Cheapest paths over all links. Only where such a path crosses a
+        // poor link can the cheapest path over non-poor links be better
+        // (otherwise the two coincide), so that search runs only then.
+        self.shortest_tree(&self.cost, s, &mut work.full);
+        let has_good = self.good_tree(s, work);
+
+        let mut primaries: Vec<Option<Path>> = Vec::with_capacity(self.n);
+        for d in 0..self.n {
+            if d == s || !work.full.reachable(d) {
+                primaries.push(None);
+                continue;
+            }
+            let mut best = self.tree_path(&work.full, s, d);
+            if has_good && work.full.uses_poor[d] && work.good.reachable(d) {
+                let g = self.tree_path(&work.good, s, d);
+                if g.beats(&best) {
+                    best = g;
+                }
+            }
+            // A poor result may still lose to a dearer but clean direct link.
+            if best.poor
+                && best.idx.len() > 2
+                && let Some(direct) = self.evaluate(smallvec::smallvec![s as u32, d as u32])
+                && direct.beats(&best)
+            {
+                best = direct;
+            }
+            let current = previous
+                .and_then(|t| t.get(self.ids[d]))
+                .and_then(|e| {
+                    e.primary
+                        .hops
+                        .iter()
+                        .map(|&h| self.index(h).map(|i| i as u32))
+                        .collect()
+                })
+                .and_then(|idx| self.evaluate(idx));
+            primaries.push(Some(match current {
+                Some(cur) if !should_switch(&cur, &best, config.switch_ratio) => cur,
+                _ => best,
+            }));
+        }
+
+        work.on_primary.clear();
+        for (d, p) in primaries.iter().enumerate() {
+            if let Some(p) = p {
+                work.on_primary
+                    .extend(p.transit().iter().map(|&m| (m, d as u32)));
+            }
+        }
+        work.on_primary.sort_unstable();
+        self.scan_two_hop(s, work);
+
+        // Backups, visiting destinations grouped by their two-hop relay so
+        // that its row of link metrics is read in one sweep.
+        work.visit.clear();
+        work.visit
+            .extend((0..self.n as u32).filter(|&d| primaries[d as usize].is_some()));
+        work.visit
+            .sort_unstable_by_key(|&d| work.two_hop_via[d as usize]);
+        let mut backups: Vec<Option<Path>> = vec![None; self.n];
+        for i in 0..work.visit.len() {
+            let d = work.visit[i] as usize;
+            if let Some(primary) = &primaries[d] {
+                backups[d] = self.backup_for(s, d, primary, work);
+            }
+        }
+        let entries = primaries
+            .into_iter()
+            .zip(backups)
+            .enumerate()
+            .filter_map(|(d, (primary, backup))| {
+                Some(RouteEntry {
+                    destination: self.ids[d],
+                    primary: self.to_route(primary?),
+                    backup: backup.map(|b| self.to_route(b)),
+                })
+            })
+            .collect();
+        RouteTable::from_computed(self.ids[s], entries)
+    }
+
+    /// Fills the workspace's two-hop arrays with the cheapest path
+    /// `s -> m -> d` to every destination `d` whose `m` is not a transit
+    /// relay of the primary to `d`. This is the `O(n^2)`-per-source loop of
+    /// the backup search: the exclusions are written into `m`'s cost row as
+    /// infinities (and restored) so that the kernel needs no exceptions.
+    fn scan_two_hop(&mut self, s: usize, work: &mut Workspace) {
+        let n = self.n;
+        work.two_hop_cost.fill(f32::INFINITY);
+        work.two_hop_via.fill(NONE);
+        let mut excluded = work.on_primary.as_slice();
+        for m in 0..n {
+            let split = excluded.partition_point(|&(x, _)| x as usize <= m);
+            let (mine, rest) = excluded.split_at(split);
+            excluded = rest;
+            let first = self.cost[s * n + m];
+            if m == s || !self.transit[m] || !first.is_finite() {
+                continue;
+            }
+            let row = &mut self.cost[m * n..(m + 1) * n];
+            work.saved.clear();
+            for &(_, d) in mine {
+                work.saved.push(row[d as usize]);
+                row[d as usize] = f32::INFINITY;
+            }
+            kernels::two_hop_step(
+                &mut work.two_hop_cost,
+                &mut work.two_hop_via,
+                &mut work.spare_cost,
+                &mut work.spare_via,
+                row,
+                first,
+                m as u32,
+            );
+            for (&(_, d), &saved) in mine.iter().zip(&work.saved) {
+                row[d as usize] = saved;
+            }
+        }
+    }
+
+    fn backup_for(&self, s: usize, d: usize, primary: &Path, work: &mut Workspace) -> Option<Path> {
+        let mut best: Option<Path> = None;
+        let mut consider = |p: Option<Path>| {
+            if let Some(p) = p
+                && best.as_ref().is_none_or(|b| p.beats(b))
+            {
+                best = Some(p);
+            }
+        };
+        // The direct link (unless it is the primary) and the best two-hop
+        // path off the primary, built from what the scan already knows.
+        let n = self.n;
+        if !primary.transit().is_empty() && self.cost[s * n + d].is_finite() {
+            let metrics = self.metrics[s * n + d].widen();
+            consider(Some(Path {
+                idx: smallvec::smallvec![s as u32, d as u32],
+                metrics,
+                cost: f64::from(self.cost[s * n + d]),
+                poor: self.model.is_poor(&metrics),
+            }));
+        }
+        let via = work.two_hop_via[d];
+        if via != NONE {
+            let metrics = self.metrics[s * n + via as usize]
+                .widen()
+                .then(&self.metrics[via as usize * n + d].widen());
+            consider(Some(Path {
+                idx: smallvec::smallvec![s as u32, via, d as u32],
+                metrics,
+                cost: f64::from(work.two_hop_cost[d]),
+                poor: self.model.is_poor(&metrics),
+            }));
+        }
+        if best.is_some() {
+            return best;
+        }
+        // Longer paths: avoid the primary's transit relays and links, and
+        // failing that only its links.
+        let transit: SmallVec<[usize; 4]> = primary.transit().iter().map(|&m| m as usize).collect();
+        let links: SmallVec<[(usize, usize); 4]> = primary
+            .idx
+            .windows(2)
+            .map(|w| (w[0] as usize, w[1] as usize))
+            .collect();
+        self.path_avoiding(s, d, &transit, &links, &mut work.scratch)
+            .or_else(|| self.path_avoiding(s, d, &[], &links, &mut work.scratch))
+    }
+
+    /// Cheapest path from `s` to `d` that enters none of `nodes` and uses
+    /// none of `links`.
+    fn path_avoiding(
+        &self,
+        s: usize,
+        d: usize,
+        nodes: &[usize],
+        links: &[(usize, usize)],
+        t: &mut Tree,
+    ) -> Option<Path> {
+        let n = self.n;
+        t.dist.fill(f32::INFINITY);
+        t.parent.fill(NONE);
+        t.dist[s] = 0.0;
+        for &b in nodes {
+            // Blocked: looks settled, so it is never entered.
+            t.dist[b] = -0.0;
+        }
+        while let Some(u) = argmin(&t.dist) {
+            let du = t.dist[u];
+            t.dist[u] = -du;
+            if u == d {
+                return self.evaluate(t.path_idx(s, d));
+            }
+            if u != s && !self.transit[u] {
+                continue;
+            }
+            for v in 0..n {
+                let candidate = du + self.cost[u * n + v];
+                if candidate < t.dist[v] && !links.contains(&(u, v)) {
+                    t.dist[v] = candidate;
+                    t.parent[v] = u as u32;
+                }
+            }
+        }
+        None
+    }
+}
+
+fn should_switch(current: &Path, new: &Path, switch_ratio: f64) -> bool {
+    if current.idx == new.idx {
+        return false;
+    }
+    match (current.poor, new.poor) {
+        (true, false) => true,
+        (false, true) => false,
+        _ => new.cost < switch_ratio * current.cost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::RelayState;
+
+    fn mesh(n: u32, rtt: impl Fn(u32, u32) -> f64) -> Graph {
+        let mut g = Graph::new();
+        for i in 0..n {
+            g.add_relay(RelayId(i));
+        }
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    g.set_link(RelayId(i), RelayId(j), Metrics::rtt(rtt(i, j)))
+                        .unwrap();
+                }
+            }
+        }
+        g
+    }
+
+    fn hops(r: &Route) -> Vec<u32> {
+        r.hops.iter().map(|h| h.0).collect()
+    }
+
+    #[test]
+    fn detour_beats_inflated_direct_link() {
+        // 0 -> 2 direct is 200 ms, through 1 it is 50 + 50 (+ hop penalties).
+        let g = mesh(3, |i, j| if i + j == 2 && i != 1 { 200.0 } else { 50.0 });
+        let routes = RouteSet::compute(&g, &RoutingConfig::default(), None);
+        let e = routes.route(RelayId(0), RelayId(2)).unwrap();
+        assert_eq!(hops(&e.primary), vec![0, 1, 2]);
+        assert_eq!(hops(e.backup.as_ref().unwrap()), vec![0, 2]);
+        assert!((e.primary.cost - 110.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn poor_first_then_cost() {
+        // Direct link is cheap but lossy (poor); the detour is dearer but clean.
+        let mut g = mesh(3, |_, _| 60.0);
+        let lossy = Metrics {
+            rtt_ms: 10.0,
+            jitter_ms: 0.0,
+            loss: 0.015,
+        };
+        g.set_link(RelayId(0), RelayId(2), lossy).unwrap();
+        let cfg = RoutingConfig::default();
+        assert!(cfg.cost.link_cost(&lossy) < 2.0 * cfg.cost.link_cost(&Metrics::rtt(60.0)));
+        let routes = RouteSet::compute(&g, &cfg, None);
+        let e = routes.route(RelayId(0), RelayId(2)).unwrap();
+        assert_eq!(hops(&e.primary), vec![0, 1, 2]);
+        assert!(!e.primary.poor);
+    }
+
+    #[test]
+    fn hysteresis_keeps_path_until_clearly_better() {
+        let mut g = mesh(3, |_, _| 100.0);
+        let cfg = RoutingConfig::default();
+        let r1 = RouteSet::compute(&g, &cfg, None);
+        assert_eq!(
+            hops(&r1.route(RelayId(0), RelayId(2)).unwrap().primary),
+            vec![0, 2]
+        );
+        // The detour gets a little better than direct: stay.
+        g.set_link(RelayId(0), RelayId(1), Metrics::rtt(45.0))
+            .unwrap();
+        g.set_link(RelayId(1), RelayId(2), Metrics::rtt(45.0))
+            .unwrap();
+        // detour cost 100 vs direct 105: better but not below 0.9 x 105.
+        let r2 = RouteSet::compute(&g, &cfg, Some(&r1));
+        assert_eq!(
+            hops(&r2.route(RelayId(0), RelayId(2)).unwrap().primary),
+            vec![0, 2]
+        );
+        let fresh = RouteSet::compute(&g, &cfg, None);
+        assert_eq!(
+            hops(&fresh.route(RelayId(0), RelayId(2)).unwrap().primary),
+            vec![0, 1, 2]
+        );
+        // Clearly better: move.
+        g.set_link(RelayId(0), RelayId(1), Metrics::rtt(30.0))
+            .unwrap();
+        g.set_link(RelayId(1), RelayId(2), Metrics::rtt(30.0))
+            .unwrap();
+        let r3 = RouteSet::compute(&g, &cfg, Some(&r2));
+        assert_eq!(
+            hops(&r3.route(RelayId(0), RelayId(2)).unwrap().primary),
+            vec![0, 1, 2]
+        );
+        assert_eq!(r2.changes(&r3).primary_changed, 1);
+        // The transit relay drains: the current path is broken, move back.
+        g.set_state(RelayId(1), RelayState::Draining);
+        let r4 = RouteSet::compute(&g, &cfg, Some(&r3));
+        assert_eq!(
+            hops(&r4.route(RelayId(0), RelayId(2)).unwrap().primary),
+            vec![0, 2]
+        );
+    }
+
+    #[test]
+    fn backup_falls_back_to_longer_paths_in_sparse_graphs() {
+        // A ring 0-1-2-3-4-0 (both directions): the backup of 0 -> 1 goes
+        // the long way round.
+        let mut g = Graph::new();
+        for i in 0..5 {
+            g.add_relay(RelayId(i));
+        }
+        for i in 0..5u32 {
+            let j = (i + 1) % 5;
+            g.set_link(RelayId(i), RelayId(j), Metrics::rtt(10.0))
+                .unwrap();
+            g.set_link(RelayId(j), RelayId(i), Metrics::rtt(10.0))
+                .unwrap();
+        }
+        let routes = RouteSet::compute(&g, &RoutingConfig::default(), None);
+        let e = routes.route(RelayId(0), RelayId(1)).unwrap();
+        assert_eq!(hops(&e.primary), vec![0, 1]);
+        assert_eq!(hops(e.backup.as_ref().unwrap()), vec![0, 4, 3, 2, 1]);
+    }
+
+    #[test]
+    fn down_relays_vanish_and_draining_relays_stay_endpoints() {
+        let mut g = mesh(4, |_, _| 10.0);
+        g.set_state(RelayId(3), RelayState::Down);
+        g.set_state(RelayId(2), RelayState::Draining);
+        let routes = RouteSet::compute(&g, &RoutingConfig::default(), None);
+        assert!(routes.table(RelayId(3)).is_none());
+        assert!(routes.route(RelayId(0), RelayId(3)).is_none());
+        let e = routes.route(RelayId(0), RelayId(1)).unwrap();
+        assert_eq!(hops(&e.primary), vec![0, 1]);
+        assert!(e.backup.is_none(), "only transit candidate is draining");
+        assert!(routes.route(RelayId(0), RelayId(2)).is_some());
+    }
+}
