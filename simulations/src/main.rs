@@ -13,7 +13,10 @@ use simulations::world::{self, CountryRttOptions, World};
 use topology::RoutingConfig;
 
 #[derive(Parser)]
-#[command(version, about = "Route-quality report and simulations of the relay network")]
+#[command(
+    version,
+    about = "Route-quality report and simulations of the relay network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -102,7 +105,8 @@ fn route_report(args: RouteReportArgs) -> anyhow::Result<()> {
     let report = RouteReport::compute(&world, &RoutingConfig::default());
     print!("{}", report.render_text());
     if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&args.out, json).with_context(|| format!("writing {}", args.out.display()))?;

@@ -130,7 +130,9 @@ impl RouteReport {
         let mut overlay_hops = vec![0usize; 2];
         for (&(a, b), m) in &world.links {
             let (ra, rb) = (RelayId(a as u32), RelayId(b as u32));
-            let Some(entry) = routes.route(ra, rb) else { continue };
+            let Some(entry) = routes.route(ra, rb) else {
+                continue;
+            };
             let bound = world.sites[a].fiber_rtt_ms(&world.sites[b]);
             let direct = Route {
                 hops: [ra, rb].into_iter().collect(),
@@ -155,7 +157,9 @@ impl RouteReport {
             });
         }
         let n = pair_results.len().max(1) as f64;
-        let share = |f: &dyn Fn(&PairResult) -> bool| pair_results.iter().filter(|p| f(p)).count() as f64 / n;
+        let share = |f: &dyn Fn(&PairResult) -> bool| {
+            pair_results.iter().filter(|p| f(p)).count() as f64 / n
+        };
         let gain = |p: &PairResult| p.direct.rtt_ms - p.overlay.rtt_ms;
         let stretch = |f: &dyn Fn(&PairResult) -> f64| {
             Spread::of(
@@ -171,7 +175,13 @@ impl RouteReport {
             sites: world.sites.iter().map(|s| s.code.clone()).collect(),
             pairs: pair_results.len(),
             improved_share: share(&|p| p.improved),
-            rtt_gain_improved_ms: Spread::of(pair_results.iter().filter(|p| p.improved).map(gain).collect()),
+            rtt_gain_improved_ms: Spread::of(
+                pair_results
+                    .iter()
+                    .filter(|p| p.improved)
+                    .map(gain)
+                    .collect(),
+            ),
             rtt_gain_all_ms: Spread::of(pair_results.iter().map(gain).collect()),
             poor_direct_share: share(&|p| p.direct.poor),
             poor_overlay_share: share(&|p| p.overlay.poor),
@@ -189,8 +199,17 @@ impl RouteReport {
         let pct = |x: f64| 100.0 * x;
         let _ = writeln!(s, "Route-quality report");
         let _ = writeln!(s, "  world:  {}", self.world);
-        let _ = writeln!(s, "  relays: {} sites: {}", self.sites.len(), self.sites.join(" "));
-        let _ = writeln!(s, "  pairs compared (ordered, with a direct measurement): {}", self.pairs);
+        let _ = writeln!(
+            s,
+            "  relays: {} sites: {}",
+            self.sites.len(),
+            self.sites.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            "  pairs compared (ordered, with a direct measurement): {}",
+            self.pairs
+        );
         let _ = writeln!(
             s,
             "  overlay improves {:.1} % of pairs; RTT gain on those: median {:.1} ms, p90 {:.1} ms",
@@ -212,7 +231,10 @@ impl RouteReport {
         let _ = writeln!(
             s,
             "  stretch over the fiber bound: direct median {:.2}x p90 {:.2}x; overlay median {:.2}x p90 {:.2}x",
-            self.stretch_direct.median, self.stretch_direct.p90, self.stretch_overlay.median, self.stretch_overlay.p90
+            self.stretch_direct.median,
+            self.stretch_direct.p90,
+            self.stretch_overlay.median,
+            self.stretch_overlay.p90
         );
         let hops: Vec<String> = self
             .overlay_hops
@@ -223,7 +245,9 @@ impl RouteReport {
             .collect();
         let _ = writeln!(s, "  overlay paths by relay hops: {}", hops.join(", "));
         let mut best: Vec<&PairResult> = self.pair_results.iter().filter(|p| p.improved).collect();
-        best.sort_by(|a, b| (b.direct.rtt_ms - b.overlay.rtt_ms).total_cmp(&(a.direct.rtt_ms - a.overlay.rtt_ms)));
+        best.sort_by(|a, b| {
+            (b.direct.rtt_ms - b.overlay.rtt_ms).total_cmp(&(a.direct.rtt_ms - a.overlay.rtt_ms))
+        });
         let _ = writeln!(s, "  largest gains:");
         for p in best.iter().take(5) {
             let _ = writeln!(
@@ -255,11 +279,17 @@ mod tests {
         assert!(r.poor_overlay_share <= r.poor_direct_share);
         assert!(r.rtt_gain_improved_ms.median > 0.0);
         assert!(r.stretch_overlay.median <= r.stretch_direct.median);
-        assert!(r.stretch_overlay.median >= 1.0, "no path beats light in fiber");
+        assert!(
+            r.stretch_overlay.median >= 1.0,
+            "no path beats light in fiber"
+        );
         assert_eq!(r.overlay_hops.iter().sum::<usize>(), r.pairs);
         for p in &r.pair_results {
             let better_class = !p.overlay.poor && p.direct.poor;
-            assert!(better_class || p.overlay.cost <= p.direct.cost + 1e-3, "{p:?}");
+            assert!(
+                better_class || p.overlay.cost <= p.direct.cost + 1e-3,
+                "{p:?}"
+            );
             assert_eq!(p.improved, p.overlay.hops.len() > 2);
         }
         let text = r.render_text();

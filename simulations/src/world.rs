@@ -39,7 +39,9 @@ pub enum WorldError {
         message: String,
     },
     /// A site has no known coordinates.
-    #[error("unknown site {0:?}: not a country code of the built-in table and not in the --sites file")]
+    #[error(
+        "unknown site {0:?}: not a country code of the built-in table and not in the --sites file"
+    )]
     UnknownSite(String),
     /// Fewer than two sites remain.
     #[error("the world has fewer than two sites with links")]
@@ -170,7 +172,9 @@ impl Default for CountryRttOptions {
 impl World {
     /// The index of a site by code.
     pub fn site_index(&self, code: &str) -> Option<usize> {
-        self.sites.iter().position(|s| s.code.eq_ignore_ascii_case(code))
+        self.sites
+            .iter()
+            .position(|s| s.code.eq_ignore_ascii_case(code))
     }
 
     /// The overlay graph: relay `i` is `RelayId(i)`, one link per base link.
@@ -225,16 +229,27 @@ impl World {
     /// is symmetric (upper triangle), so both directions get the same value.
     /// Pairs whose mean is below the fiber bound are physically impossible
     /// (pings answered by anycast replicas outside the country) and dropped.
-    pub fn from_country_rtt(path: &Path, sites: Vec<Site>, options: &CountryRttOptions) -> Result<World, WorldError> {
+    pub fn from_country_rtt(
+        path: &Path,
+        sites: Vec<Site>,
+        options: &CountryRttOptions,
+    ) -> Result<World, WorldError> {
         let text = read_maybe_gz(path)?;
-        let index: HashMap<String, usize> = sites.iter().enumerate().map(|(i, s)| (s.code.to_uppercase(), i)).collect();
+        let index: HashMap<String, usize> = sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.code.to_uppercase(), i))
+            .collect();
         let mut rdr = csv::Reader::from_reader(text.as_bytes());
         let headers = rdr.headers().map_err(|e| format_err(path, e))?.clone();
         let col = |name: &str| {
-            headers.iter().position(|h| h == name).ok_or_else(|| WorldError::Format {
-                path: path.to_owned(),
-                message: format!("missing column {name}"),
-            })
+            headers
+                .iter()
+                .position(|h| h == name)
+                .ok_or_else(|| WorldError::Format {
+                    path: path.to_owned(),
+                    message: format!("missing column {name}"),
+                })
         };
         let (c1, c2, cnt, avg, std, min) = (
             col("cty1")?,
@@ -248,7 +263,10 @@ impl World {
         let (mut dropped, mut impossible) = (0usize, 0usize);
         for (line, rec) in rdr.records().enumerate() {
             let rec = rec.map_err(|e| format_err(path, e))?;
-            let (Some(&a), Some(&b)) = (index.get(&rec[c1].to_uppercase()), index.get(&rec[c2].to_uppercase())) else {
+            let (Some(&a), Some(&b)) = (
+                index.get(&rec[c1].to_uppercase()),
+                index.get(&rec[c2].to_uppercase()),
+            ) else {
                 continue;
             };
             if a == b {
@@ -392,7 +410,11 @@ pub fn builtin_sites(codes: &[&str]) -> Result<Vec<Site>, WorldError> {
     }
     codes
         .iter()
-        .map(|c| country(c).map(country_site).ok_or_else(|| WorldError::UnknownSite((*c).to_owned())))
+        .map(|c| {
+            country(c)
+                .map(country_site)
+                .ok_or_else(|| WorldError::UnknownSite((*c).to_owned()))
+        })
         .collect()
 }
 
@@ -404,12 +426,20 @@ pub fn wondernetwork_sites(path: &Path, codes: &[&str]) -> Result<Vec<Site>, Wor
     let mut rdr = csv::Reader::from_reader(text.as_bytes());
     let headers = rdr.headers().map_err(|e| format_err(path, e))?.clone();
     let col = |name: &str| {
-        headers.iter().position(|h| h == name).ok_or_else(|| WorldError::Format {
-            path: path.to_owned(),
-            message: format!("missing column {name}"),
-        })
+        headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| WorldError::Format {
+                path: path.to_owned(),
+                message: format!("missing column {name}"),
+            })
     };
-    let (title, country_col, lat, lon) = (col("title")?, col("country")?, col("latitude")?, col("longitude")?);
+    let (title, country_col, lat, lon) = (
+        col("title")?,
+        col("country")?,
+        col("latitude")?,
+        col("longitude")?,
+    );
     let mut servers: Vec<(String, String, f64, f64)> = Vec::new();
     for rec in rdr.records() {
         let rec = rec.map_err(|e| format_err(path, e))?;
@@ -471,7 +501,8 @@ fn read_maybe_gz(path: &Path) -> Result<String, WorldError> {
             .read_to_string(&mut text)
             .map_err(io)?;
     } else {
-        text = String::from_utf8(bytes).map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        text = String::from_utf8(bytes)
+            .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     }
     Ok(text)
 }
@@ -516,7 +547,9 @@ pub fn find_data_dir(explicit: Option<&Path>) -> Result<Option<PathBuf>, WorldEr
         PathBuf::from("../shared/data"),
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
     ];
-    Ok(candidates.into_iter().find(|p| p.join("country_rtt_stat.csv.gz").is_file()))
+    Ok(candidates
+        .into_iter()
+        .find(|p| p.join("country_rtt_stat.csv.gz").is_file()))
 }
 
 #[cfg(test)]
@@ -533,7 +566,10 @@ mod tests {
         assert_eq!(w.links[&(sg, de)], w.links[&(de, sg)]);
         let bound = w.sites[sg].fiber_rtt_ms(&w.sites[de]);
         let rtt = w.links[&(sg, de)].rtt_ms;
-        assert!(rtt >= 1.5 * bound + 2.0 && rtt <= 3.0 * bound + 2.0, "{rtt} vs bound {bound}");
+        assert!(
+            rtt >= 1.5 * bound + 2.0 && rtt <= 3.0 * bound + 2.0,
+            "{rtt} vs bound {bound}"
+        );
         assert!(World::builtin(&["XX"]).is_err());
     }
 
@@ -542,30 +578,54 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("world-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let m = dir.join("m.csv");
-        std::fs::write(&m, "src,dst,rtt_ms,jitter_ms,loss\nSG,ID,20,1,0.001\nID,SG,22,,\nSG,FOO,50,2,0\n").unwrap();
-        assert!(matches!(World::from_matrix_csv(&m, None), Err(WorldError::UnknownSite(s)) if s == "FOO"));
+        std::fs::write(
+            &m,
+            "src,dst,rtt_ms,jitter_ms,loss\nSG,ID,20,1,0.001\nID,SG,22,,\nSG,FOO,50,2,0\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(World::from_matrix_csv(&m, None), Err(WorldError::UnknownSite(s)) if s == "FOO")
+        );
         let sites = dir.join("sites.csv");
         std::fs::write(&sites, "code,city,lat,lon\nFOO,Foo Town,10.0,100.0\n").unwrap();
         let w = World::from_matrix_csv(&m, Some(&sites)).unwrap();
-        let (sg, id, foo) = (w.site_index("SG").unwrap(), w.site_index("ID").unwrap(), w.site_index("FOO").unwrap());
+        let (sg, id, foo) = (
+            w.site_index("SG").unwrap(),
+            w.site_index("ID").unwrap(),
+            w.site_index("FOO").unwrap(),
+        );
         assert_eq!(w.links[&(sg, id)].loss, 0.001);
         assert_eq!(w.links[&(id, sg)].rtt_ms, 22.0);
         assert_eq!(w.links[&(id, sg)].jitter_ms, 0.0);
-        assert_eq!(w.links[&(foo, sg)].rtt_ms, 50.0, "one direction given: used for both");
+        assert_eq!(
+            w.links[&(foo, sg)].rtt_ms,
+            50.0,
+            "one direction given: used for both"
+        );
         std::fs::write(&m, "src,dst,rtt_ms\nSG,ID,abc\n").unwrap();
         let err = World::from_matrix_csv(&m, None).unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("abc"), "{err}");
         std::fs::write(&m, "from,to,rtt\nSG,ID,1\n").unwrap();
-        assert!(World::from_matrix_csv(&m, None).unwrap_err().to_string().contains("missing column src"));
+        assert!(
+            World::from_matrix_csv(&m, None)
+                .unwrap_err()
+                .to_string()
+                .contains("missing column src")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
     fn country_rtt_fixture() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/country_rtt_small.csv");
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/country_rtt_small.csv");
         let sites = builtin_sites(&["SG", "ID", "US"]).unwrap();
         let w = World::from_country_rtt(&fixture, sites, &CountryRttOptions::default()).unwrap();
-        let (sg, id, us) = (w.site_index("SG").unwrap(), w.site_index("ID").unwrap(), w.site_index("US").unwrap());
+        let (sg, id, us) = (
+            w.site_index("SG").unwrap(),
+            w.site_index("ID").unwrap(),
+            w.site_index("US").unwrap(),
+        );
         // min 0.1 (anycast) is raised to the fiber bound before averaging.
         let bound = w.sites[id].fiber_rtt_ms(&w.sites[us]);
         let expected = (bound + 183.0) / 2.0;
