@@ -249,6 +249,24 @@ impl LinkMetrics {
         }
     }
 
+    /// Loss and the number of observations behind it since `since`: a
+    /// shorter view than the loss window, for decisions that must react
+    /// fast (a relay's fast reroute).
+    pub fn loss_since(&self, since: Instant) -> (f64, u64) {
+        let (sent, lost) = self
+            .observations
+            .iter()
+            .rev()
+            .take_while(|o| o.at >= since)
+            .fold((0u64, 0u64), |(s, l), o| (s + o.sent, l + o.lost));
+        let loss = if sent == 0 {
+            0.0
+        } else {
+            lost as f64 / sent as f64
+        };
+        (loss, sent)
+    }
+
     fn record_loss(&mut self, now: Instant) {
         self.consecutive_losses = self.consecutive_losses.saturating_add(1);
         self.push_observation(LossObservation {
@@ -410,6 +428,16 @@ mod tests {
         // Nonsense reports cannot push loss above 100 %.
         m.on_loss_report(10, 50, t0 + ms(40));
         assert!(m.stats(t0 + ms(50)).loss <= 1.0);
+    }
+
+    #[test]
+    fn short_view_of_loss() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        m.on_loss_report(1000, 0, t0);
+        m.on_loss_report(100, 10, t0 + ms(5000));
+        assert_eq!(m.loss_since(t0 + ms(4000)), (0.1, 100));
+        assert!((m.stats(t0 + ms(5000)).loss - 10.0 / 1100.0).abs() < 1e-12);
     }
 
     #[test]
