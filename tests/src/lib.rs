@@ -1,1 +1,432 @@
-//! Helpers for black-box tests of the real binaries (`tests/tests/*.rs`).
+//! Helpers for black-box tests of the real binaries (`tests/tests/*.rs`):
+//! locating binaries, a development PKI, relay configs and processes, the
+//! netshim impairment proxy, and SDK sessions as clients.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! `scripts/test` does).
+#![allow(clippy::disallowed_methods)] // tests measure wall-clock time
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_core::wire::client::Role;
+use relay_sdk::session::{Session, client_config};
+
+/// Path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback UDP port (racy, but fine for tests).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A free loopback TCP port.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// App used by the tests, with its secret.
+pub const APP: &str = "shop";
+/// Hex secret of [`APP`].
+pub const APP_SECRET_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// A token for [`APP`].
+pub fn token(channel: &str, user: &str, role: Role) -> String {
+    token_with(channel, user, role, 3600, &hex_secret())
+}
+
+/// The app secret as bytes.
+pub fn hex_secret() -> Vec<u8> {
+    (0..APP_SECRET_HEX.len() / 2)
+        .map(|i| u8::from_str_radix(&APP_SECRET_HEX[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// A token with a chosen lifetime (negative: already expired) and secret.
+pub fn token_with(channel: &str, user: &str, role: Role, ttl: i64, secret: &[u8]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    relay_core::token::Claims {
+        app: APP.into(),
+        channel: channel.into(),
+        user: user.into(),
+        role,
+        expires: (now + ttl) as u64,
+    }
+    .sign(secret)
+}
+
+/// A temporary folder with a development PKI for relays `1..=n` (and
+/// control-plane nodes `1..=cp`).
+#[allow(missing_debug_implementations)]
+pub struct Cluster {
+    /// The folder.
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Creates the PKI with the real `relayd pki init`.
+    pub fn new(relays: u32, control_plane: u32) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let relays: Vec<String> = (1..=relays).map(|i| i.to_string()).collect();
+        let mut cmd = Command::new(bin("relayd"));
+        cmd.args(["pki", "init", "--dir"])
+            .arg(dir.path().join("pki"))
+            .arg("--relays")
+            .arg(relays.join(","))
+            .arg("--operators")
+            .arg("test");
+        if control_plane > 0 {
+            let cp: Vec<String> = (1..=control_plane).map(|i| i.to_string()).collect();
+            cmd.arg("--control-plane").arg(cp.join(","));
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "pki init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cluster { dir }
+    }
+
+    /// The PKI folder.
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// The CA roots, for clients.
+    pub fn roots(&self) -> Arc<rustls::RootCertStore> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.pki().join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        Arc::new(roots)
+    }
+}
+
+/// Settings for one relay's config file.
+#[derive(Debug, Clone)]
+pub struct RelaySpec {
+    /// Relay id.
+    pub id: u32,
+    /// QUIC port.
+    pub port: u16,
+    /// Metrics port.
+    pub metrics_port: u16,
+    /// `(peer id, address)`.
+    pub peers: Vec<(u32, String)>,
+    /// `(to, path, backup)`.
+    pub routes: Vec<(u32, Vec<u32>, Option<Vec<u32>>)>,
+    /// Probe interval.
+    pub probe_interval_ms: u64,
+    /// Drain deadline.
+    pub drain_deadline_ms: u64,
+    /// Extra TOML appended verbatim.
+    pub extra: String,
+}
+
+impl RelaySpec {
+    /// Defaults for relay `id` on fresh ports.
+    pub fn new(id: u32) -> Self {
+        Self {
+            id,
+            port: free_udp_port(),
+            metrics_port: free_tcp_port(),
+            peers: Vec::new(),
+            routes: Vec::new(),
+            probe_interval_ms: 100,
+            drain_deadline_ms: 3000,
+            extra: String::new(),
+        }
+    }
+
+    /// The relay's QUIC address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The config file text.
+    pub fn toml(&self, pki: &Path) -> String {
+        let mut s = format!(
+            r#"[relay]
+id = {id}
+region = "R{id}"
+listen = "127.0.0.1:{port}"
+
+[tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/relay-{id}.pem"
+key = "{pki}/relay-{id}.key"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
+[probe]
+interval_ms = {probe}
+fast_window_ms = {window}
+recover_after_ms = 3000
+
+[drain]
+deadline_ms = {drain}
+
+[[apps]]
+id = "{APP}"
+secret = "{APP_SECRET_HEX}"
+"#,
+            id = self.id,
+            port = self.port,
+            pki = pki.display(),
+            metrics = self.metrics_port,
+            probe = self.probe_interval_ms,
+            window = (self.probe_interval_ms * 10).max(1000),
+            drain = self.drain_deadline_ms,
+        );
+        for (id, addr) in &self.peers {
+            s += &format!("\n[[peers]]\nid = {id}\naddr = \"{addr}\"\n");
+        }
+        for (to, path, backup) in &self.routes {
+            s += &format!("\n[[routes]]\nto = {to}\npath = {path:?}\n");
+            if let Some(b) = backup {
+                s += &format!("backup = {b:?}\n");
+            }
+        }
+        s += &self.extra;
+        s
+    }
+}
+
+/// A running child process, killed on drop; its output goes to files.
+#[allow(missing_debug_implementations)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its name, for messages.
+    pub name: String,
+    /// Where stderr goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr to `<dir>/<name>.log`.
+    pub fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(Stdio::from(f.try_clone().unwrap()))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY-free: use the kill command rather than libc.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit up to `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A relay process with its spec.
+#[allow(missing_debug_implementations)]
+pub struct RelayProc {
+    /// The spec it was started with.
+    pub spec: RelaySpec,
+    /// The process.
+    pub proc: Proc,
+}
+
+impl RelayProc {
+    /// Writes the config and starts `relayd`, waiting until its metrics
+    /// endpoint answers.
+    pub fn start(cluster: &Cluster, spec: RelaySpec) -> RelayProc {
+        let config = cluster.dir.path().join(format!("relay-{}.toml", spec.id));
+        std::fs::write(&config, spec.toml(&cluster.pki())).unwrap();
+        let mut cmd = Command::new(bin("relayd"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "relayd=debug,info");
+        let proc = Proc::spawn(cmd, cluster.dir.path(), &format!("relay-{}", spec.id));
+        let r = RelayProc { spec, proc };
+        let end = Instant::now() + Duration::from_secs(10);
+        while r.scrape().is_none() {
+            assert!(
+                Instant::now() < end,
+                "relay {} did not start:\n{}",
+                r.spec.id,
+                r.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    /// The metrics page, if the endpoint answers.
+    pub fn scrape(&self) -> Option<String> {
+        http_get(
+            SocketAddr::from(([127, 0, 0, 1], self.spec.metrics_port)),
+            "/metrics",
+        )
+    }
+
+    /// Sum of a metric's samples whose label set contains `labels`.
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let page = self.scrape().unwrap_or_default();
+        metric_value(&page, name, labels)
+    }
+}
+
+/// Sums a Prometheus text page's samples of `name` whose labels contain
+/// `labels` (e.g. `peer="3"`; empty matches all).
+pub fn metric_value(page: &str, name: &str, labels: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP GET (the tests avoid an HTTP client dependency).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+    let (head, rest) = body.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| rest.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| rest.to_owned()))
+}
+
+/// A netshim process.
+#[allow(missing_debug_implementations)]
+pub struct Shim {
+    /// The process.
+    pub proc: Proc,
+    /// Bound address per link.
+    pub links: std::collections::HashMap<String, SocketAddr>,
+    /// Control port.
+    pub control: SocketAddr,
+}
+
+impl Shim {
+    /// Starts netshim with `(name, target)` links on fresh ports.
+    pub fn start(dir: &Path, links: &[(&str, SocketAddr)]) -> Shim {
+        let mut cmd = Command::new(bin("netshim"));
+        for (name, target) in links {
+            cmd.arg("--link")
+                .arg(format!("{name},127.0.0.1:0,{target}"));
+        }
+        let log = dir.join("netshim.log");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).expect("netshim prints its addresses");
+        let links = v["links"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, a)| (k.clone(), a.as_str().unwrap().parse().unwrap()))
+            .collect();
+        let control = v["control"].as_str().unwrap().parse().unwrap();
+        Shim {
+            proc: Proc {
+                child,
+                name: "netshim".into(),
+                log,
+            },
+            links,
+            control,
+        }
+    }
+
+    /// Sends a control command; returns the reply line.
+    pub fn command(&self, cmd: &str) -> String {
+        let mut s = TcpStream::connect(self.control).unwrap();
+        writeln!(s, "{cmd}").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+/// A client endpoint and config trusting the cluster CA.
+pub fn client_endpoint(cluster: &Cluster) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    (endpoint, client_config(cluster.roots()).unwrap())
+}
+
+/// Connects an SDK session to a relay.
+pub async fn session(cluster: &Cluster, addr: SocketAddr) -> Session {
+    let (endpoint, config) = client_endpoint(cluster);
+    Session::connect(&endpoint, config, addr, "localhost", Duration::from_secs(5))
+        .await
+        .expect("session connects")
+}

@@ -10,15 +10,47 @@ use topology::{Hops, RouteTable};
 use crate::ids::{ChannelId, RelayId};
 use crate::wire::route::TreeBuilder;
 
+/// How good a link to a neighbour is for forwarding right now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LinkState {
+    /// Healthy.
+    Usable,
+    /// Connected and alive but poor (lossy or jittery), with its recent
+    /// loss: used only when nothing better exists.
+    Degraded(f64),
+    /// Not connected, or dead.
+    Down,
+}
+
+impl LinkState {
+    /// Lower is better.
+    fn rank(self) -> f64 {
+        match self {
+            LinkState::Usable => 0.0,
+            LinkState::Degraded(loss) => 1.0 + loss,
+            LinkState::Down => 3.0,
+        }
+    }
+}
+
 /// How the forwarder sees the links to its neighbours.
 pub trait LinkView {
-    /// True when forwarding may use the link to `peer`.
-    fn usable(&self, peer: RelayId) -> bool;
+    /// The state of the link to `peer`.
+    fn state(&self, peer: RelayId) -> LinkState;
+
+    /// True when forwarding may use the link to `peer` without reservation.
+    fn usable(&self, peer: RelayId) -> bool {
+        self.state(peer) == LinkState::Usable
+    }
 }
 
 impl<F: Fn(RelayId) -> bool> LinkView for F {
-    fn usable(&self, peer: RelayId) -> bool {
-        self(peer)
+    fn state(&self, peer: RelayId) -> LinkState {
+        if self(peer) {
+            LinkState::Usable
+        } else {
+            LinkState::Down
+        }
     }
 }
 
@@ -81,13 +113,15 @@ impl Forwarding {
     }
 
     /// The path to `dest`: the primary, or the backup when the primary's
-    /// next hop is unusable and the backup's is not; a direct link to a
-    /// usable neighbour when the table has no entry.
+    /// next hop is not usable and the backup's next hop is in a better
+    /// state (usable, or less lossy); a direct link to a usable neighbour
+    /// when the table has no entry.
     pub fn path_to(&self, dest: RelayId, links: &impl LinkView) -> Option<Chosen> {
         if let Some(e) = self.table.get(dest) {
-            if !links.usable(e.primary.next_hop())
+            let primary = links.state(e.primary.next_hop());
+            if primary != LinkState::Usable
                 && let Some(b) = &e.backup
-                && links.usable(b.next_hop())
+                && links.state(b.next_hop()).rank() < primary.rank()
             {
                 return Some(Chosen {
                     hops: b.hops.clone(),
@@ -213,6 +247,24 @@ mod tests {
         assert_eq!(f.path_to(RelayId(5), &all).unwrap().hops.len(), 2);
         assert!(f.path_to(RelayId(5), &no3).is_some());
         assert!(f.path_to(RelayId(5), &|_| false).is_none());
+    }
+
+    #[test]
+    fn least_bad_next_hop_when_neither_is_usable() {
+        let mut f = Forwarding::new(RelayId(1));
+        f.set_table(table());
+        struct View(LinkState, LinkState);
+        impl LinkView for View {
+            fn state(&self, peer: RelayId) -> LinkState {
+                if peer == RelayId(3) { self.0 } else { self.1 }
+            }
+        }
+        let pick = |a, b| f.path_to(RelayId(3), &View(a, b)).unwrap().rerouted;
+        assert!(pick(LinkState::Degraded(0.1), LinkState::Degraded(0.02)));
+        assert!(!pick(LinkState::Degraded(0.02), LinkState::Degraded(0.1)));
+        assert!(pick(LinkState::Down, LinkState::Degraded(0.5)));
+        assert!(!pick(LinkState::Degraded(0.5), LinkState::Down));
+        assert!(!pick(LinkState::Down, LinkState::Down));
     }
 
     #[test]

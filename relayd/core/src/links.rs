@@ -9,8 +9,9 @@
 //! A link is *unusable* for forwarding when it is disconnected or dead
 //! (probes lost in a row), or when over the last `fast_window` it lost more
 //! than the poor threshold (with enough samples to tell) or its jitter is
-//! above the poor threshold. It becomes usable again only after
-//! `recover_after` of good health, so a marginal link does not flap. RTT
+//! above the poor threshold. It becomes usable again only when the last
+//! `recover_after` were clean on enough samples (once traffic moved away,
+//! only probes measure it), so a marginal link does not flap. RTT
 //! increases alone do not trigger a local reroute: they lose nothing, and
 //! the control plane weighs them against the alternatives.
 
@@ -38,6 +39,9 @@ pub struct LinkConfig {
     pub min_loss_samples: u64,
     /// Good health needed before an unusable link is used again.
     pub recover_after: Duration,
+    /// Observations within `recover_after` needed before an unusable link
+    /// can be judged good again.
+    pub min_recover_samples: u64,
 }
 
 impl Default for LinkConfig {
@@ -49,6 +53,7 @@ impl Default for LinkConfig {
             fast_window: Duration::from_secs(2),
             min_loss_samples: 50,
             recover_after: Duration::from_secs(5),
+            min_recover_samples: 8,
         }
     }
 }
@@ -64,8 +69,8 @@ pub struct PeerLink {
     last_report: Option<ReceiverReport>,
     received: ReceiverReport,
     usable: bool,
-    was_unusable: bool,
-    good_since: Option<Instant>,
+    /// When the link last became unusable (`None`: it never was).
+    unusable_since: Option<Instant>,
 }
 
 impl PeerLink {
@@ -80,8 +85,7 @@ impl PeerLink {
             last_report: None,
             received: ReceiverReport::default(),
             usable: false,
-            was_unusable: false,
-            good_since: None,
+            unusable_since: None,
         }
     }
 
@@ -94,14 +98,13 @@ impl PeerLink {
     }
 
     /// The connection went away.
-    pub fn on_disconnected(&mut self) {
+    pub fn on_disconnected(&mut self, now: Instant) {
         self.connected = false;
         self.next_probe = None;
         if self.usable {
-            self.was_unusable = true;
+            self.unusable_since = Some(now);
         }
         self.usable = false;
-        self.good_since = None;
     }
 
     /// True while connected.
@@ -112,6 +115,22 @@ impl PeerLink {
     /// True when forwarding may use the link.
     pub fn is_usable(&self) -> bool {
         self.usable
+    }
+
+    /// The link's state for forwarding decisions.
+    pub fn state(&self, now: Instant, config: &LinkConfig) -> crate::forwarding::LinkState {
+        use crate::forwarding::LinkState;
+        if self.usable {
+            return LinkState::Usable;
+        }
+        let stats = self.metrics.stats(now);
+        if !self.connected || stats.health == LinkHealth::Dead {
+            return LinkState::Down;
+        }
+        // Ranked by the long-window loss: steadier than the fast window,
+        // which on a link without traffic holds only a few probes.
+        let _ = config;
+        LinkState::Degraded(stats.loss)
     }
 
     /// A probe to send now, if one is due.
@@ -175,36 +194,45 @@ impl PeerLink {
     pub fn update(&mut self, now: Instant, config: &LinkConfig) -> bool {
         self.metrics.expire_probes(now);
         let stats = self.metrics.stats(now);
-        let (fast_loss, samples) = self
-            .metrics
-            .loss_since(now.checked_sub(config.fast_window).unwrap_or(now));
-        let healthy = self.connected
-            && stats.health != LinkHealth::Dead
-            && !(samples >= config.min_loss_samples && fast_loss > config.poor.loss)
-            && !(stats.samples >= 3 && stats.jitter.as_secs_f64() * 1e3 > config.poor.jitter_ms);
+        let alive = self.connected && stats.health != LinkHealth::Dead;
+        let jittery =
+            stats.samples >= 3 && stats.jitter.as_secs_f64() * 1e3 > config.poor.jitter_ms;
         let before = self.usable;
-        if !healthy {
-            self.good_since = None;
-            if self.usable {
-                self.was_unusable = true;
+        if self.usable {
+            let (fast_loss, samples) = self
+                .metrics
+                .loss_since(now.checked_sub(config.fast_window).unwrap_or(now));
+            let lossy = samples >= config.min_loss_samples && fast_loss > config.poor.loss;
+            if !alive || lossy || jittery {
+                self.usable = false;
+                self.unusable_since = Some(now);
             }
-            self.usable = false;
-        } else {
-            let since = *self.good_since.get_or_insert(now);
-            // The first time up needs no hold-down; coming back does.
-            if !self.was_unusable || now.saturating_duration_since(since) >= config.recover_after {
+        } else if let Some(since) = self.unusable_since {
+            // Coming back needs evidence that the link is good *now*:
+            // the last `recover_after` must be clean on enough samples
+            // (once traffic moved away, mostly probes), and that long must
+            // have passed since it went bad.
+            let window_start = now.checked_sub(config.recover_after).unwrap_or(now);
+            let (loss, samples) = self.metrics.loss_since(window_start);
+            let clean = samples >= config.min_recover_samples && loss <= config.poor.loss;
+            if alive
+                && !jittery
+                && clean
+                && now.saturating_duration_since(since) >= config.recover_after
+            {
                 self.usable = true;
             }
+        } else {
+            // Never bad before: usable as soon as it is up.
+            self.usable = alive;
         }
         before != self.usable
     }
 
-    /// When this link needs `update` or `poll_probe` next.
-    pub fn next_timeout(&self, config: &LinkConfig) -> Option<Instant> {
-        let recover = (!self.usable && self.connected)
-            .then(|| self.good_since.map(|s| s + config.recover_after))
-            .flatten();
-        [self.next_probe, self.metrics.next_timeout(), recover]
+    /// When this link needs `update` or `poll_probe` next. (Recovery is
+    /// re-evaluated with every probe and echo, so it needs no timer.)
+    pub fn next_timeout(&self) -> Option<Instant> {
+        [self.next_probe, self.metrics.next_timeout()]
             .into_iter()
             .flatten()
             .min()
@@ -251,7 +279,7 @@ mod tests {
             panic!()
         };
         assert!(l.poll_probe(t0 + ms(100), &cfg).is_none());
-        assert_eq!(l.next_timeout(&cfg), Some(t0 + ms(500)));
+        assert_eq!(l.next_timeout(), Some(t0 + ms(500)));
         l.on_echo(seq, ReceiverReport::default(), t0 + ms(40));
         assert_eq!(l.stats(t0 + ms(50)).rtt, Some(ms(40)));
         assert!(l.poll_probe(t0 + ms(500), &cfg).is_some());
@@ -283,7 +311,7 @@ mod tests {
         assert!(!l.is_usable(), "10 % loss over the fast window");
         // Loss stops: still unusable for the hold-down after the window clears.
         let mut recovered_at = None;
-        for i in 0..40 {
+        for i in 0..60 {
             t += ms(500);
             if let Some(probe) = l.poll_probe(t, &cfg) {
                 let PeerDatagram::Probe { seq: s } = PeerDatagram::decode(&probe).unwrap() else {
@@ -301,8 +329,8 @@ mod tests {
             }
         }
         let i = recovered_at.expect("recovers");
-        // 2 s window to clear + 5 s hold-down, in 500 ms steps.
-        assert!((13..=16).contains(&i), "recovered after {i} steps");
+        // 5 s of clean traffic after the loss stopped; 500 ms steps.
+        assert!((9..=11).contains(&i), "recovered after {i} steps");
     }
 
     #[test]
@@ -320,7 +348,7 @@ mod tests {
         }
         assert!(!l.is_usable());
         assert_eq!(l.stats(t).health, LinkHealth::Dead);
-        l.on_disconnected();
+        l.on_disconnected(t);
         assert!(!l.is_connected());
     }
 

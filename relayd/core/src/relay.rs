@@ -15,7 +15,7 @@ use topology::RouteTable;
 
 use crate::channels::{Channels, Member};
 use crate::dedup::{DedupWindows, Verdict};
-use crate::forwarding::Forwarding;
+use crate::forwarding::{Forwarding, LinkState, LinkView};
 use crate::ids::{ChannelId, ClientId, RelayId, SourceId};
 use crate::links::{LinkConfig, LinkReport, PeerLink};
 use crate::stats::{AuthFailure, DropReason, Stats};
@@ -135,6 +135,7 @@ pub struct Relay {
     draining_until: Option<Instant>,
     drain_finished: bool,
     actions: VecDeque<Action>,
+    link_changes: VecDeque<(RelayId, bool)>,
     stats: Stats,
 }
 
@@ -155,6 +156,7 @@ impl Relay {
             draining_until: None,
             drain_finished: false,
             actions: VecDeque::new(),
+            link_changes: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -204,6 +206,12 @@ impl Relay {
         self.draining_until.is_some()
     }
 
+    /// True once the drain deadline passed and the remaining clients were
+    /// closed.
+    pub fn drain_finished(&self) -> bool {
+        self.drain_finished
+    }
+
     /// Every peer link with its estimates.
     pub fn links(&self, now: Instant) -> Vec<LinkReport> {
         let mut v: Vec<LinkReport> = self
@@ -220,6 +228,12 @@ impl Relay {
         v
     }
 
+    /// The next change of a link's usability for forwarding
+    /// (`(peer, usable)`), for logs and metrics.
+    pub fn poll_link_change(&mut self) -> Option<(RelayId, bool)> {
+        self.link_changes.pop_front()
+    }
+
     /// The next action for the driver.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -227,10 +241,7 @@ impl Relay {
 
     /// When [`Relay::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let links = self
-            .links
-            .values()
-            .filter_map(|l| l.next_timeout(&self.config.link));
+        let links = self.links.values().filter_map(PeerLink::next_timeout);
         let drain = self.draining_until.filter(|_| !self.drain_finished);
         links.chain(drain).min()
     }
@@ -288,7 +299,13 @@ impl Relay {
 
     /// A frame (without its length prefix) arrived on a client's control
     /// stream. `unix_now` is wall-clock seconds, for token expiry.
-    pub fn handle_client_frame(&mut self, client: ClientId, frame: &[u8], unix_now: u64) {
+    pub fn handle_client_frame(
+        &mut self,
+        client: ClientId,
+        frame: &[u8],
+        now: Instant,
+        unix_now: u64,
+    ) {
         if self.clients.get(&client).is_none_or(|c| c.closing) {
             return;
         }
@@ -314,7 +331,9 @@ impl Relay {
                 }
                 self.send_client(client, &RelayToClient::Left { channel });
             }
-            ClientToRelay::Message { channel, body } => self.client_message(client, channel, body),
+            ClientToRelay::Message { channel, body } => {
+                self.client_message(client, channel, body, now)
+            }
             ClientToRelay::Ping { nonce } => {
                 self.send_client(client, &RelayToClient::Pong { nonce })
             }
@@ -390,7 +409,7 @@ impl Relay {
         );
     }
 
-    fn client_message(&mut self, client: ClientId, channel: ChannelId, body: Bytes) {
+    fn client_message(&mut self, client: ClientId, channel: ChannelId, body: Bytes, now: Instant) {
         let Some(m) = self.channels.member(channel, client).cloned() else {
             self.stats.drop(DropReason::NotJoined);
             self.send_error(client, ErrorCode::NotJoined, "not a member of that channel");
@@ -404,15 +423,18 @@ impl Relay {
             .copied()
             .collect();
         for to in remote {
-            self.send_peer_message(PeerFrame::Message {
-                to,
-                origin: self.config.id,
-                hop_limit: self.config.hop_limit,
-                channel,
-                source: m.source,
-                user: m.user.clone(),
-                body: body.clone(),
-            });
+            self.send_peer_message(
+                PeerFrame::Message {
+                    to,
+                    origin: self.config.id,
+                    hop_limit: self.config.hop_limit,
+                    channel,
+                    source: m.source,
+                    user: m.user.clone(),
+                    body: body.clone(),
+                },
+                now,
+            );
         }
     }
 
@@ -442,7 +464,7 @@ impl Relay {
     }
 
     /// A datagram arrived from a client.
-    pub fn handle_client_datagram(&mut self, client: ClientId, datagram: &[u8]) {
+    pub fn handle_client_datagram(&mut self, client: ClientId, datagram: &[u8], now: Instant) {
         self.stats.client_packets_in += 1;
         self.stats.client_bytes_in += datagram.len() as u64;
         let p = match Publish::decode(datagram) {
@@ -460,7 +482,7 @@ impl Relay {
         }
         let delivery = Delivery::encode(p.channel, member.source, p.payload);
         self.deliver_local(p.channel, &delivery, Some(client));
-        self.send_remote(p.channel, &delivery);
+        self.send_remote(p.channel, &delivery, now);
     }
 
     fn deliver_local(&mut self, channel: ChannelId, delivery: &Bytes, except: Option<ClientId>) {
@@ -476,14 +498,17 @@ impl Relay {
         }
     }
 
-    fn send_remote(&mut self, channel: ChannelId, delivery: &Bytes) {
+    fn send_remote(&mut self, channel: ChannelId, delivery: &Bytes, now: Instant) {
         let dests = self.channels.interested_relays(channel);
         if dests.is_empty() {
             return;
         }
-        let links = &self.links;
-        let usable = |r: RelayId| links.get(&r).is_some_and(PeerLink::is_usable);
-        let (hops, rerouted) = self.forwarding.plan(channel, dests, &usable);
+        let view = Links {
+            links: &self.links,
+            config: &self.config.link,
+            now,
+        };
+        let (hops, rerouted) = self.forwarding.plan(channel, dests, &view);
         if hops.is_empty() {
             return self.stats.drop(DropReason::NoRoute);
         }
@@ -523,7 +548,9 @@ impl Relay {
             .entry(peer)
             .or_insert_with(|| PeerLink::new(&self.config.link));
         link.on_connected(now);
-        link.update(now, &self.config.link);
+        if link.update(now, &self.config.link) {
+            self.link_changes.push_back((peer, link.is_usable()));
+        }
         self.forwarding.invalidate();
         // Tell the newcomer everything we know about interest.
         let own = self.own_interest();
@@ -547,9 +574,9 @@ impl Relay {
     }
 
     /// A peer connection ended.
-    pub fn handle_peer_disconnected(&mut self, peer: RelayId) {
+    pub fn handle_peer_disconnected(&mut self, peer: RelayId, now: Instant) {
         if let Some(l) = self.links.get_mut(&peer) {
-            l.on_disconnected();
+            l.on_disconnected(now);
             self.forwarding.invalidate();
         }
     }
@@ -561,6 +588,7 @@ impl Relay {
         &mut self,
         from: RelayId,
         frame: &[u8],
+        now: Instant,
     ) -> Result<(), crate::wire::DecodeError> {
         let frame =
             PeerFrame::decode(frame).inspect_err(|_| self.stats.drop(DropReason::Malformed))?;
@@ -604,15 +632,18 @@ impl Relay {
                 if to == self.config.id {
                     self.deliver_message(channel, source, &user, &body, None);
                 } else if hop_limit > 1 {
-                    self.send_peer_message(PeerFrame::Message {
-                        to,
-                        origin,
-                        hop_limit: hop_limit - 1,
-                        channel,
-                        source,
-                        user,
-                        body,
-                    });
+                    self.send_peer_message(
+                        PeerFrame::Message {
+                            to,
+                            origin,
+                            hop_limit: hop_limit - 1,
+                            channel,
+                            source,
+                            user,
+                            body,
+                        },
+                        now,
+                    );
                 } else {
                     self.stats.drop(DropReason::HopLimit);
                 }
@@ -642,6 +673,7 @@ impl Relay {
                 link.on_echo(seq, report, now);
                 if link.update(now, &self.config.link) {
                     self.forwarding.invalidate();
+                    self.link_changes.push_back((from, link.is_usable()));
                 }
             }
             PeerDatagram::Media {
@@ -650,12 +682,12 @@ impl Relay {
                 delivery,
             } => {
                 link.on_media_received(header.link_seq);
-                self.transit(header, &route, delivery);
+                self.transit(header, &route, delivery, now);
             }
         }
     }
 
-    fn transit(&mut self, header: MediaHeader, route: &Bytes, delivery: Bytes) {
+    fn transit(&mut self, header: MediaHeader, route: &Bytes, delivery: Bytes, now: Instant) {
         let Ok(tree) = RouteTree::decode(route) else {
             return self.stats.drop(DropReason::Malformed);
         };
@@ -706,9 +738,12 @@ impl Relay {
         if repair.is_empty() {
             return;
         }
-        let links = &self.links;
-        let usable = |r: RelayId| links.get(&r).is_some_and(PeerLink::is_usable);
-        let (hops, _) = self.forwarding.build(repair.iter().copied(), &usable);
+        let view = Links {
+            links: &self.links,
+            config: &self.config.link,
+            now,
+        };
+        let (hops, _) = self.forwarding.build(repair.iter().copied(), &view);
         if hops.is_empty() {
             return self.stats.drop(DropReason::NoRoute);
         }
@@ -812,13 +847,16 @@ impl Relay {
         }
     }
 
-    fn send_peer_message(&mut self, msg: PeerFrame) {
+    fn send_peer_message(&mut self, msg: PeerFrame, now: Instant) {
         let PeerFrame::Message { to, .. } = &msg else {
             return;
         };
-        let links = &self.links;
-        let usable = |r: RelayId| links.get(&r).is_some_and(PeerLink::is_usable);
-        match self.forwarding.path_to(*to, &usable) {
+        let view = Links {
+            links: &self.links,
+            config: &self.config.link,
+            now,
+        };
+        match self.forwarding.path_to(*to, &view) {
             Some(c) => {
                 let peer = c.hops[1];
                 self.send_peer_frame(peer, &msg);
@@ -870,6 +908,21 @@ impl Relay {
             reason,
         });
         self.flush_interest();
+    }
+}
+
+/// The forwarder's view of this relay's links at one instant.
+struct Links<'a> {
+    links: &'a HashMap<RelayId, PeerLink>,
+    config: &'a LinkConfig,
+    now: Instant,
+}
+
+impl LinkView for Links<'_> {
+    fn state(&self, peer: RelayId) -> LinkState {
+        self.links
+            .get(&peer)
+            .map_or(LinkState::Down, |l| l.state(self.now, self.config))
     }
 }
 

@@ -358,11 +358,11 @@ fn subscribers_cannot_publish_and_oversized_media_is_dropped() {
     assert_eq!(net.relay(1).stats().drops(DropReason::TooLarge), 1);
     assert!(net.media(a).is_empty());
     // A malformed frame closes only that client.
-    let relay = RelayId(1);
+    let (relay, now) = (RelayId(1), net.now);
     net.relays
         .get_mut(&relay)
         .unwrap()
-        .handle_client_frame(b, &[1, 0x7f], NOW_UNIX);
+        .handle_client_frame(b, &[1, 0x7f], now, NOW_UNIX);
     net.drain(relay);
     assert_eq!(
         net.inbox[&b].closed.as_ref().unwrap().0,

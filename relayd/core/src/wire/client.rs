@@ -91,6 +91,8 @@ pub enum CloseCode {
     Draining = 0x107,
     /// Too many channels joined on one connection.
     TooManyChannels = 0x108,
+    /// The client does not read its control stream fast enough.
+    Overloaded = 0x109,
 }
 
 impl CloseCode {
@@ -112,6 +114,7 @@ impl CloseCode {
             FrameTooLarge,
             Draining,
             TooManyChannels,
+            Overloaded,
         ]
         .into_iter()
         .find(|c| c.code() == v)

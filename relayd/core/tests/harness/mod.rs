@@ -122,8 +122,15 @@ impl Net {
         let (a, b) = (RelayId(a), RelayId(b));
         self.connected.insert((a, b), false);
         self.connected.insert((b, a), false);
-        self.relays.get_mut(&a).unwrap().handle_peer_disconnected(b);
-        self.relays.get_mut(&b).unwrap().handle_peer_disconnected(a);
+        let now = self.now;
+        self.relays
+            .get_mut(&a)
+            .unwrap()
+            .handle_peer_disconnected(b, now);
+        self.relays
+            .get_mut(&b)
+            .unwrap()
+            .handle_peer_disconnected(a, now);
     }
 
     /// Loss on datagrams from `a` to `b` (frames are reliable).
@@ -179,11 +186,11 @@ impl Net {
     pub fn send_frame(&mut self, client: ClientId, frame: ClientToRelay) {
         let mut b = BytesMut::new();
         frame.encode(&mut b);
-        let relay = self.clients[&client];
+        let (relay, now) = (self.clients[&client], self.now);
         self.relays
             .get_mut(&relay)
             .unwrap()
-            .handle_client_frame(client, &b[4..], NOW_UNIX);
+            .handle_client_frame(client, &b[4..], now, NOW_UNIX);
         self.drain(relay);
     }
 
@@ -202,10 +209,11 @@ impl Net {
     pub fn publish(&mut self, client: ClientId, channel: ChannelId, payload: &[u8]) {
         let relay = self.clients[&client];
         let d = Publish::encode(channel, payload);
+        let now = self.now;
         self.relays
             .get_mut(&relay)
             .unwrap()
-            .handle_client_datagram(client, &d);
+            .handle_client_datagram(client, &d, now);
         self.drain(relay);
     }
 
@@ -318,8 +326,9 @@ impl Net {
                     }
                     Event::PeerFrame { from, to, data } => {
                         if self.connected.get(&(from, to)).copied().unwrap_or(false) {
+                            let now = self.now;
                             let r = self.relays.get_mut(&to).unwrap();
-                            r.handle_peer_frame(from, &data[4..])
+                            r.handle_peer_frame(from, &data[4..], now)
                                 .expect("relays send valid frames");
                             self.drain(to);
                         }

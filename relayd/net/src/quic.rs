@@ -1,0 +1,91 @@
+//! QUIC transport settings shared by every node.
+//!
+//! Media rides in QUIC datagrams. QUIC applies congestion control to
+//! datagrams too, and a loss-based controller (quinn's default is Cubic)
+//! shrinks its window on every random loss: on a 3G path losing a few
+//! percent it would throttle a voice stream the path can carry. A relay is
+//! a forwarder, like a TURN server: the media's own rate control (the
+//! application's, end to end) decides the rate, and relays must not add a
+//! second, loss-driven one. Relay connections therefore use a fixed window
+//! large enough never to bind ([`FixedWindow`]); the reliable control
+//! streams on them carry little.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::congestion::{Controller, ControllerFactory};
+
+/// Congestion "control" that never limits: a fixed window.
+#[derive(Debug, Clone)]
+pub struct FixedWindow {
+    window: u64,
+}
+
+impl Controller for FixedWindow {
+    fn on_congestion_event(
+        &mut self,
+        _now: Instant,
+        _sent: Instant,
+        _persistent: bool,
+        _lost_bytes: u64,
+    ) {
+    }
+
+    fn on_mtu_update(&mut self, _new_mtu: u16) {}
+
+    fn window(&self) -> u64 {
+        self.window
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(self.clone())
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.window
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+/// Builds [`FixedWindow`] controllers.
+#[derive(Debug, Clone)]
+pub struct FixedWindowFactory {
+    /// Window in bytes.
+    pub window: u64,
+}
+
+impl ControllerFactory for FixedWindowFactory {
+    fn build(self: Arc<Self>, _now: Instant, _mtu: u16) -> Box<dyn Controller> {
+        Box::new(FixedWindow {
+            window: self.window,
+        })
+    }
+}
+
+/// Transport for media-carrying connections (relay to relay, relay to
+/// client): keep-alives, a short idle timeout so dead peers are noticed,
+/// datagram buffers for bursts, and the fixed window above.
+pub fn media_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s fits")));
+    t.datagram_receive_buffer_size(Some(4 * 1024 * 1024));
+    t.datagram_send_buffer_size(4 * 1024 * 1024);
+    t.congestion_controller_factory(Arc::new(FixedWindowFactory {
+        window: 64 * 1024 * 1024,
+    }));
+    t
+}
+
+/// Transport for control connections (Raft, operator tools): standard
+/// congestion control.
+pub fn control_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s fits")));
+    t
+}

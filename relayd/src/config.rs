@@ -1,0 +1,546 @@
+//! Relay configuration: a TOML file (the serde layer, strict about unknown
+//! keys, with named defaults) turned into a runtime [`Config`] that cannot
+//! hold invalid values. Everything is checked, certificates and secrets
+//! included, before any socket opens: that is what `--check-config` runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_core::RelayConfig;
+use relay_core::links::LinkConfig;
+use relay_core::token::MIN_SECRET_LEN;
+use relay_core::wire::client::Alternative;
+use serde::Deserialize;
+use topology::{Metrics, RelayId, Route, RouteEntry, RouteTable};
+
+use relay_net::tls::{TlsError, TlsIdentity};
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a key that does not exist, or a wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Which setting.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Certificates or keys that do not load.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    relay: RelaySection,
+    tls: TlsSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
+    probe: ProbeSection,
+    #[serde(default)]
+    drain: DrainSection,
+    #[serde(default)]
+    log: LogSection,
+    #[serde(default)]
+    apps: Vec<AppSection>,
+    #[serde(default)]
+    peers: Vec<PeerSection>,
+    #[serde(default)]
+    routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelaySection {
+    id: u32,
+    name: Option<String>,
+    #[serde(default)]
+    region: String,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    #[serde(default = "default_listen")]
+    listen: String,
+    /// Where clients and peers reach this relay, if not `listen`.
+    public_addr: Option<String>,
+    #[serde(default = "default_max_payload")]
+    max_payload: u16,
+    #[serde(default = "default_hop_limit")]
+    hop_limit: u8,
+    #[serde(default = "default_max_channels")]
+    max_channels_per_client: usize,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:4433".into()
+}
+fn default_max_payload() -> u16 {
+    1100
+}
+fn default_hop_limit() -> u8 {
+    8
+}
+fn default_max_channels() -> usize {
+    16
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_cluster_domain")]
+    cluster_domain: String,
+}
+
+/// DNS suffix of relay names in certificates: relay N is `relay-N.<domain>`.
+pub fn default_cluster_domain() -> String {
+    "relays.internal".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProbeSection {
+    interval_ms: u64,
+    timeout_ms: u64,
+    fast_window_ms: u64,
+    recover_after_ms: u64,
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        let l = LinkConfig::default();
+        Self {
+            interval_ms: l.probe_interval.as_millis() as u64,
+            timeout_ms: l.metrics.probe_timeout.as_millis() as u64,
+            fast_window_ms: l.fast_window.as_millis() as u64,
+            recover_after_ms: l.recover_after.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DrainSection {
+    deadline_ms: u64,
+}
+
+impl Default for DrainSection {
+    fn default() -> Self {
+        Self {
+            deadline_ms: 10_000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogSection {
+    level: String,
+    format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppSection {
+    id: String,
+    /// Hex-encoded secret.
+    secret: Option<String>,
+    /// File holding the hex-encoded secret.
+    secret_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for AppSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppSection")
+            .field("id", &self.id)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerSection {
+    id: u32,
+    addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    to: u32,
+    /// Relays after this one, ending with `to`.
+    path: Vec<u32>,
+    backup: Option<Vec<u32>>,
+}
+
+/// A peer relay to keep a connection with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its id.
+    pub id: RelayId,
+    /// `host:port` of its QUIC endpoint.
+    pub addr: String,
+}
+
+/// Validated runtime configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Settings of the core.
+    pub core: RelayConfig,
+    /// Human name.
+    pub name: String,
+    /// Coordinates, if given.
+    pub location: Option<(f64, f64)>,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Address clients and peers reach this relay at.
+    pub public_addr: String,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Certificates and keys.
+    pub tls: TlsIdentity,
+    /// Peers to connect with.
+    pub peers: Vec<Peer>,
+    /// Static routes.
+    pub routes: RouteTable,
+    /// Log level filter (tracing `EnvFilter` syntax).
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths inside
+    /// are relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        file.validate(base)
+    }
+}
+
+fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|e| {
+        invalid(
+            field,
+            format!("{s:?} is not an address like 127.0.0.1:4433 ({e})"),
+        )
+    })
+}
+
+fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(invalid(field, format!("{s:?} is not host:port"))),
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+impl ConfigFile {
+    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let r = &self.relay;
+        if r.id == 0 {
+            return Err(invalid("relay.id", "must be a positive integer"));
+        }
+        let me = RelayId(r.id);
+        let listen = parse_addr("relay.listen", &r.listen)?;
+        let public_addr = match &r.public_addr {
+            Some(a) => {
+                check_host_port("relay.public_addr", a)?;
+                a.clone()
+            }
+            None => r.listen.clone(),
+        };
+        if r.region.len() > 255 {
+            return Err(invalid("relay.region", "longer than 255 bytes"));
+        }
+        let location = match (r.lat, r.lon) {
+            (Some(lat), Some(lon))
+                if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) =>
+            {
+                Some((lat, lon))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "relay.lat/lon",
+                    "give both, within -90..90 and -180..180",
+                ));
+            }
+        };
+        if !(64..=1200).contains(&r.max_payload) {
+            return Err(invalid(
+                "relay.max_payload",
+                "must be between 64 and 1200 bytes",
+            ));
+        }
+        if !(1..=32).contains(&r.hop_limit) {
+            return Err(invalid("relay.hop_limit", "must be between 1 and 32"));
+        }
+        if r.max_channels_per_client == 0 {
+            return Err(invalid(
+                "relay.max_channels_per_client",
+                "must be at least 1",
+            ));
+        }
+        let metrics_listen = self
+            .metrics
+            .listen
+            .as_deref()
+            .map(|a| parse_addr("metrics.listen", a))
+            .transpose()?;
+
+        let p = &self.probe;
+        if p.interval_ms < 10 {
+            return Err(invalid("probe.interval_ms", "must be at least 10"));
+        }
+        if p.timeout_ms < 10 || p.fast_window_ms < p.interval_ms {
+            return Err(invalid(
+                "probe",
+                "timeout_ms must be at least 10 and fast_window_ms at least interval_ms",
+            ));
+        }
+        let mut link = LinkConfig {
+            probe_interval: Duration::from_millis(p.interval_ms),
+            fast_window: Duration::from_millis(p.fast_window_ms),
+            recover_after: Duration::from_millis(p.recover_after_ms),
+            ..LinkConfig::default()
+        };
+        link.metrics.probe_timeout = Duration::from_millis(p.timeout_ms);
+
+        let mut apps = HashMap::new();
+        for (i, a) in self.apps.iter().enumerate() {
+            let field = format!("apps[{i}]");
+            if a.id.is_empty() || a.id.len() > 255 {
+                return Err(invalid(format!("{field}.id"), "must be 1 to 255 bytes"));
+            }
+            let hex_text = match (&a.secret, &a.secret_file) {
+                (Some(s), None) => s.trim().to_owned(),
+                (None, Some(f)) => {
+                    let path = resolve(base, f);
+                    std::fs::read_to_string(&path)
+                        .map_err(|source| ConfigError::Io { path, source })?
+                        .trim()
+                        .to_owned()
+                }
+                _ => {
+                    return Err(invalid(
+                        &field,
+                        "give exactly one of secret and secret_file",
+                    ));
+                }
+            };
+            // Never echo the secret itself in errors.
+            let secret = hex::decode(&hex_text)
+                .map_err(|_| invalid(format!("{field}.secret"), "is not hex"))?;
+            if secret.len() < MIN_SECRET_LEN {
+                return Err(invalid(
+                    format!("{field}.secret"),
+                    format!(
+                        "must be at least {MIN_SECRET_LEN} bytes ({} hex digits)",
+                        2 * MIN_SECRET_LEN
+                    ),
+                ));
+            }
+            if apps.insert(a.id.clone(), secret).is_some() {
+                return Err(invalid(
+                    format!("{field}.id"),
+                    format!("app {:?} appears twice", a.id),
+                ));
+            }
+        }
+
+        let mut peer_ids = BTreeSet::new();
+        let mut peers = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let field = format!("peers[{i}]");
+            if p.id == 0 || p.id == r.id {
+                return Err(invalid(
+                    format!("{field}.id"),
+                    "must be positive and not this relay's id",
+                ));
+            }
+            if !peer_ids.insert(p.id) {
+                return Err(invalid(
+                    format!("{field}.id"),
+                    format!("peer {} appears twice", p.id),
+                ));
+            }
+            check_host_port(&format!("{field}.addr"), &p.addr)?;
+            peers.push(Peer {
+                id: RelayId(p.id),
+                addr: p.addr.clone(),
+            });
+        }
+
+        let mut entries = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, rt) in self.routes.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            if rt.to == r.id || !seen.insert(rt.to) {
+                return Err(invalid(
+                    format!("{field}.to"),
+                    "must not be this relay nor repeat a destination",
+                ));
+            }
+            let to_route = |hops: &[u32], which: &str| -> Result<Route, ConfigError> {
+                let f = format!("{field}.{which}");
+                if hops.last() != Some(&rt.to) {
+                    return Err(invalid(&f, format!("must end at {}", rt.to)));
+                }
+                if !peer_ids.contains(&hops[0]) {
+                    return Err(invalid(
+                        &f,
+                        format!("first hop {} is not a configured peer", hops[0]),
+                    ));
+                }
+                let full: Vec<RelayId> = std::iter::once(me)
+                    .chain(hops.iter().map(|&h| RelayId(h)))
+                    .collect();
+                if full.iter().enumerate().any(|(j, h)| full[..j].contains(h)) {
+                    return Err(invalid(&f, "visits a relay twice"));
+                }
+                Ok(Route {
+                    hops: full.into_iter().collect(),
+                    metrics: Metrics::default(),
+                    cost: 0.0,
+                    poor: false,
+                })
+            };
+            let primary = to_route(&rt.path, "path")?;
+            let backup = rt
+                .backup
+                .as_deref()
+                .map(|b| to_route(b, "backup"))
+                .transpose()?;
+            entries.push(RouteEntry {
+                destination: RelayId(rt.to),
+                primary,
+                backup,
+            });
+        }
+        entries.sort_by_key(|e| e.destination);
+        let routes =
+            RouteTable::new(me, 1, entries).map_err(|e| invalid("routes", e.to_string()))?;
+
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a log filter", self.log.level),
+            ));
+        }
+
+        let tls = TlsIdentity::load(
+            &resolve(base, &self.tls.ca),
+            &resolve(base, &self.tls.cert),
+            &resolve(base, &self.tls.key),
+            &self.tls.cluster_domain,
+        )?;
+        tls.check_relay_name(me)?;
+
+        let mut core = RelayConfig::new(me);
+        core.region = r.region.clone();
+        core.hop_limit = r.hop_limit;
+        core.max_payload = r.max_payload;
+        core.max_channels_per_client = r.max_channels_per_client;
+        core.link = link;
+        core.apps = apps;
+        core.drain_deadline = Duration::from_millis(self.drain.deadline_ms);
+        core.alternatives = peers
+            .iter()
+            .map(|p| Alternative {
+                relay: p.id,
+                address: p.addr.clone(),
+            })
+            .collect();
+
+        Ok(Config {
+            core,
+            name: r.name.clone().unwrap_or_else(|| format!("relay-{}", r.id)),
+            location,
+            listen,
+            public_addr,
+            metrics_listen,
+            tls,
+            peers,
+            routes,
+            log_level: self.log.level.clone(),
+            log_format: self.log.format,
+        })
+    }
+}

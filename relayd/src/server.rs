@@ -1,0 +1,704 @@
+//! The tokio + quinn driver of the relay core.
+//!
+//! One QUIC endpoint serves two ALPNs: clients (`edge-relay/1`, token
+//! authentication) and peer relays (`edge-relay-peer/1`, mutual TLS under
+//! the cluster CA). Connection tasks only move bytes: they read frames and
+//! datagrams and hand them to the single task that owns the [`Relay`] core,
+//! which executes the core's actions on the connections. Peers with a
+//! higher id are dialled (with backoff); lower ids dial us, so each pair
+//! has one connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use quinn::VarInt;
+use relay_core::links::LinkReport;
+use relay_core::wire::client::{CLIENT_ALPN, CloseCode, MAX_FRAME_LEN};
+use relay_core::wire::peer::{MAX_PEER_FRAME_LEN, PEER_ALPN, PeerFrame};
+use relay_core::{Action, ClientId, Relay, RelayId, Stats};
+use relay_net::framing::{FrameError, read_frame, spawn_writer};
+use relay_net::quic::media_transport;
+use relay_net::tls::{check_name, negotiated_alpn, peer_certificate, relay_name};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use topology::RouteTable;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, Peer};
+use crate::metrics::RelayMetrics;
+
+/// Frames queued per connection before a slow reader is closed.
+const WRITER_QUEUE: usize = 1024;
+/// Inputs queued for the core.
+const INPUT_QUEUE: usize = 8192;
+/// How long a new connection may take to open its control stream.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one dial attempt may take before it is retried.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What connection tasks and the handle tell the core task.
+enum Input {
+    ClientConnected {
+        id: ClientId,
+        conn: quinn::Connection,
+        writer: mpsc::Sender<Bytes>,
+    },
+    ClientFrame(ClientId, Bytes),
+    ClientDatagram(ClientId, Bytes),
+    ClientViolation(ClientId, CloseCode, String),
+    ClientDisconnected(ClientId),
+    PeerConnected {
+        peer: RelayId,
+        conn: quinn::Connection,
+        writer: mpsc::Sender<Bytes>,
+    },
+    PeerFrame(RelayId, usize, Bytes),
+    PeerDatagram(RelayId, usize, Bytes),
+    PeerDisconnected(RelayId, usize),
+    SetRoutes(RouteTable, oneshot::Sender<bool>),
+    Drain(oneshot::Sender<()>),
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// A point-in-time view of the relay for status and tests.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Counters.
+    pub stats: Stats,
+    /// Peer links.
+    pub links: Vec<LinkReport>,
+    /// Connected clients.
+    pub clients: usize,
+    /// Channels with local members.
+    pub channels: usize,
+    /// Epoch of the installed route table.
+    pub route_epoch: u64,
+}
+
+/// A running relay. Dropping it leaves the tasks running until the
+/// endpoint closes; call [`RelayHandle::drain_and_stop`] to stop cleanly.
+#[derive(Debug)]
+pub struct RelayHandle {
+    endpoint: quinn::Endpoint,
+    inputs: mpsc::Sender<Input>,
+    core: JoinHandle<()>,
+    id: RelayId,
+}
+
+impl RelayHandle {
+    /// Where the QUIC endpoint listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
+    }
+
+    /// This relay's id.
+    pub fn id(&self) -> RelayId {
+        self.id
+    }
+
+    /// Counters, links and gauges.
+    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Snapshot(tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("relay stopped"))?;
+        Ok(rx.await?)
+    }
+
+    /// Installs a route table if it is newer than the current one.
+    pub async fn set_routes(&self, table: RouteTable) -> anyhow::Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::SetRoutes(table, tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("relay stopped"))?;
+        Ok(rx.await?)
+    }
+
+    /// Tells clients to move, waits until they left or the drain deadline
+    /// passed, then closes everything.
+    pub async fn drain_and_stop(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inputs.send(Input::Drain(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.endpoint.close(
+            VarInt::from_u32(CloseCode::Draining.code()),
+            b"relay shut down",
+        );
+        self.core.abort();
+        // Give the close frames a moment to leave.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Stops at once, without draining (tests).
+    pub fn abort(self) {
+        self.endpoint.close(VarInt::from_u32(0), b"relay aborted");
+        self.core.abort();
+    }
+}
+
+/// Binds the endpoint, dials peers and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
+    let transport = Arc::new(media_transport());
+    let server = config
+        .tls
+        .quic_server(&[CLIENT_ALPN, PEER_ALPN], transport.clone())
+        .context("TLS server config")?;
+    let mut endpoint = quinn::Endpoint::server(server, config.listen)
+        .with_context(|| format!("binding QUIC endpoint on {}", config.listen))?;
+    let peer_client = config
+        .tls
+        .quic_node_client(PEER_ALPN, transport)
+        .context("TLS client config")?;
+    endpoint.set_default_client_config(peer_client);
+
+    let mut core_config = config.core.clone();
+    #[allow(clippy::disallowed_methods)] // the epoch is the start time
+    let start_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    core_config.epoch = start_secs as u32;
+    let id = core_config.id;
+    let epoch = core_config.epoch;
+    let mut relay = Relay::new(core_config);
+    relay.set_route_table(config.routes.clone());
+
+    let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
+    let metrics = RelayMetrics::new(id, &config.name, &config.core.region);
+    let core = tokio::spawn(
+        CoreTask {
+            relay,
+            clients: HashMap::new(),
+            peers: HashMap::new(),
+            metrics,
+            drain_waiters: Vec::new(),
+        }
+        .run(rx),
+    );
+
+    let known: Arc<HashMap<RelayId, Peer>> =
+        Arc::new(config.peers.iter().map(|p| (p.id, p.clone())).collect());
+    let domain: Arc<str> = config.tls.domain().into();
+    let next_client = Arc::new(AtomicU64::new(1));
+    tokio::spawn(accept_loop(
+        endpoint.clone(),
+        inputs.clone(),
+        id,
+        epoch,
+        known.clone(),
+        domain.clone(),
+        next_client,
+    ));
+    for peer in config.peers.iter().filter(|p| p.id > id) {
+        tokio::spawn(dial_loop(
+            endpoint.clone(),
+            inputs.clone(),
+            id,
+            epoch,
+            peer.clone(),
+            domain.clone(),
+        ));
+    }
+    info!(relay = id.0, listen = %endpoint.local_addr()?, peers = config.peers.len(), "relay started");
+    Ok(RelayHandle {
+        endpoint,
+        inputs,
+        core,
+        id,
+    })
+}
+
+fn unix_now() -> u64 {
+    #[allow(clippy::disallowed_methods)] // token expiry is wall-clock time
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+struct ClientConn {
+    conn: quinn::Connection,
+    writer: mpsc::Sender<Bytes>,
+}
+
+struct PeerConn {
+    conn: quinn::Connection,
+    writer: mpsc::Sender<Bytes>,
+}
+
+struct CoreTask {
+    relay: Relay,
+    clients: HashMap<ClientId, ClientConn>,
+    peers: HashMap<RelayId, PeerConn>,
+    metrics: RelayMetrics,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl CoreTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        let mut batch = Vec::with_capacity(256);
+        let mut publish = tokio::time::interval(Duration::from_secs(1));
+        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.relay.poll_timeout().map(Instant::from_std);
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for input in batch.drain(..) {
+                        self.handle(input);
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    self.relay.handle_timeout(Instant::now().into_std());
+                }
+                _ = publish.tick() => {
+                    self.metrics.publish(&self.relay, Instant::now().into_std());
+                }
+            }
+            self.execute();
+            self.check_drain();
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = Instant::now().into_std();
+        match input {
+            Input::ClientConnected { id, conn, writer } => {
+                let observed = conn.remote_address();
+                self.clients.insert(id, ClientConn { conn, writer });
+                self.relay.handle_client_connected(id, observed);
+            }
+            Input::ClientFrame(id, frame) => {
+                self.relay.handle_client_frame(id, &frame, now, unix_now())
+            }
+            Input::ClientDatagram(id, d) => self.relay.handle_client_datagram(id, &d, now),
+            Input::ClientViolation(id, code, reason) => {
+                self.relay.handle_client_violation(id, code, reason)
+            }
+            Input::ClientDisconnected(id) => {
+                self.clients.remove(&id);
+                self.relay.handle_client_disconnected(id);
+            }
+            Input::PeerConnected { peer, conn, writer } => {
+                if let Some(old) = self.peers.insert(peer, PeerConn { conn, writer }) {
+                    old.conn
+                        .close(VarInt::from_u32(0), b"replaced by a newer connection");
+                }
+                info!(peer = peer.0, "peer connected");
+                self.relay.handle_peer_connected(peer, now);
+            }
+            Input::PeerFrame(peer, conn_id, frame) => {
+                if !self.is_current(peer, conn_id) {
+                    return;
+                }
+                if let Err(e) = self.relay.handle_peer_frame(peer, &frame, now) {
+                    warn!(peer = peer.0, error = %e, "closing peer after a bad frame");
+                    if let Some(p) = self.peers.remove(&peer) {
+                        p.conn.close(
+                            VarInt::from_u32(CloseCode::ProtocolViolation.code()),
+                            b"bad frame",
+                        );
+                    }
+                    self.relay.handle_peer_disconnected(peer, now);
+                }
+            }
+            Input::PeerDatagram(peer, conn_id, d) => {
+                if self.is_current(peer, conn_id) {
+                    self.relay.handle_peer_datagram(peer, &d, now);
+                }
+            }
+            Input::PeerDisconnected(peer, conn_id) => {
+                if self.is_current(peer, conn_id) {
+                    self.peers.remove(&peer);
+                    info!(peer = peer.0, "peer disconnected");
+                    self.relay.handle_peer_disconnected(peer, now);
+                }
+            }
+            Input::SetRoutes(table, reply) => {
+                let epoch = table.epoch();
+                let installed = self.relay.set_route_table(table);
+                if installed {
+                    debug!(epoch, "route table installed");
+                }
+                let _ = reply.send(installed);
+            }
+            Input::Drain(done) => {
+                info!("draining");
+                self.relay.begin_drain(now);
+                self.drain_waiters.push(done);
+            }
+            Input::Snapshot(reply) => {
+                let _ = reply.send(Snapshot {
+                    stats: self.relay.stats().clone(),
+                    links: self.relay.links(now),
+                    clients: self.relay.client_count(),
+                    channels: self.relay.channel_count(),
+                    route_epoch: self.relay.route_table().epoch(),
+                });
+            }
+        }
+    }
+
+    fn is_current(&self, peer: RelayId, conn_id: usize) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.conn.stable_id() == conn_id)
+    }
+
+    fn execute(&mut self) {
+        let now = Instant::now().into_std();
+        while let Some((peer, usable)) = self.relay.poll_link_change() {
+            let link = self.relay.links(now).into_iter().find(|l| l.peer == peer);
+            let (loss, rtt) = link.map_or((0.0, None), |l| (l.stats.loss, l.stats.rtt));
+            if usable {
+                info!(peer = peer.0, loss, ?rtt, "link usable again");
+            } else {
+                warn!(
+                    peer = peer.0,
+                    loss,
+                    ?rtt,
+                    "link unusable: rerouting around it"
+                );
+            }
+        }
+        while let Some(action) = self.relay.poll_action() {
+            match action {
+                Action::ClientDatagram { client, datagram } => {
+                    if let Some(c) = self.clients.get(&client) {
+                        let _ = c.conn.send_datagram(datagram);
+                    }
+                }
+                Action::ClientFrame { client, frame } => {
+                    if let Some(c) = self.clients.get(&client)
+                        && c.writer.try_send(frame).is_err()
+                    {
+                        c.conn.close(
+                            VarInt::from_u32(CloseCode::Overloaded.code()),
+                            b"control stream not read",
+                        );
+                    }
+                }
+                Action::CloseClient {
+                    client,
+                    code,
+                    reason,
+                } => {
+                    if let Some(c) = self.clients.get(&client) {
+                        debug!(client = client.0, ?code, %reason, "closing client");
+                        c.conn
+                            .close(VarInt::from_u32(code.code()), reason.as_bytes());
+                    }
+                }
+                Action::PeerDatagram { peer, datagram } => {
+                    if let Some(p) = self.peers.get(&peer) {
+                        let _ = p.conn.send_datagram(datagram);
+                    }
+                }
+                Action::PeerFrame { peer, frame } => {
+                    if let Some(p) = self.peers.get(&peer)
+                        && p.writer.try_send(frame).is_err()
+                    {
+                        warn!(peer = peer.0, "peer control stream backed up; closing");
+                        p.conn.close(
+                            VarInt::from_u32(CloseCode::Overloaded.code()),
+                            b"control stream not read",
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_drain(&mut self) {
+        if self.drain_waiters.is_empty() {
+            return;
+        }
+        if self.relay.client_count() == 0 || self.relay.drain_finished() {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    inputs: mpsc::Sender<Input>,
+    me: RelayId,
+    epoch: u32,
+    known: Arc<HashMap<RelayId, Peer>>,
+    domain: Arc<str>,
+    next_client: Arc<AtomicU64>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (inputs, known, domain, next_client) = (
+            inputs.clone(),
+            known.clone(),
+            domain.clone(),
+            next_client.clone(),
+        );
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%remote, error = %e, "handshake failed");
+                    return;
+                }
+            };
+            match negotiated_alpn(&conn).as_deref() {
+                Some(CLIENT_ALPN) => {
+                    let id = ClientId(next_client.fetch_add(1, Ordering::Relaxed));
+                    serve_client(conn, id, inputs).await;
+                }
+                Some(PEER_ALPN) => {
+                    if let Err(e) = accept_peer(conn, inputs, me, epoch, &known, &domain).await {
+                        warn!(%remote, error = %e, "refused peer");
+                    }
+                }
+                _ => conn.close(
+                    VarInt::from_u32(CloseCode::ProtocolViolation.code()),
+                    b"unknown ALPN",
+                ),
+            }
+        });
+    }
+}
+
+async fn serve_client(conn: quinn::Connection, id: ClientId, inputs: mpsc::Sender<Input>) {
+    let (send, mut recv) = match tokio::time::timeout(STREAM_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            conn.close(
+                VarInt::from_u32(CloseCode::ProtocolViolation.code()),
+                b"no control stream",
+            );
+            return;
+        }
+    };
+    let writer = spawn_writer(send, WRITER_QUEUE);
+    if inputs
+        .send(Input::ClientConnected {
+            id,
+            conn: conn.clone(),
+            writer,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let datagrams = {
+        let (conn, inputs) = (conn.clone(), inputs.clone());
+        tokio::spawn(async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if inputs.send(Input::ClientDatagram(id, d)).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    loop {
+        match read_frame(&mut recv, MAX_FRAME_LEN).await {
+            Ok(Some(frame)) => {
+                if inputs.send(Input::ClientFrame(id, frame)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(FrameError::Read(_)) => break,
+            Err(e @ (FrameError::TooLarge(_) | FrameError::TooShort(_))) => {
+                let code = if matches!(e, FrameError::TooLarge(_)) {
+                    CloseCode::FrameTooLarge
+                } else {
+                    CloseCode::ProtocolViolation
+                };
+                conn.close(VarInt::from_u32(code.code()), e.to_string().as_bytes());
+                let _ = inputs
+                    .send(Input::ClientViolation(id, code, e.to_string()))
+                    .await;
+                break;
+            }
+        }
+    }
+    // The control stream ended: so does the client.
+    conn.close(
+        VarInt::from_u32(CloseCode::Normal.code()),
+        b"control stream ended",
+    );
+    let _ = datagrams.await;
+    let _ = inputs.send(Input::ClientDisconnected(id)).await;
+}
+
+/// Exchanges Hello frames on a new peer control stream.
+async fn hello(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    me: RelayId,
+    epoch: u32,
+) -> anyhow::Result<RelayId> {
+    let mut buf = bytes::BytesMut::new();
+    PeerFrame::Hello { relay: me, epoch }.encode(&mut buf);
+    send.write_all(&buf).await?;
+    let frame = tokio::time::timeout(STREAM_TIMEOUT, read_frame(recv, MAX_PEER_FRAME_LEN))
+        .await
+        .context("no hello")??
+        .context("stream ended before hello")?;
+    match PeerFrame::decode(&frame)? {
+        PeerFrame::Hello { relay, .. } => Ok(relay),
+        _ => anyhow::bail!("first frame is not a hello"),
+    }
+}
+
+async fn accept_peer(
+    conn: quinn::Connection,
+    inputs: mpsc::Sender<Input>,
+    me: RelayId,
+    epoch: u32,
+    known: &HashMap<RelayId, Peer>,
+    domain: &str,
+) -> anyhow::Result<()> {
+    let refuse = |why: &'static str| {
+        conn.close(
+            VarInt::from_u32(CloseCode::ProtocolViolation.code()),
+            why.as_bytes(),
+        );
+        anyhow::anyhow!(why)
+    };
+    let Some(cert) = peer_certificate(&conn) else {
+        return Err(refuse("peer connections need a client certificate"));
+    };
+    let (mut send, mut recv) = tokio::time::timeout(STREAM_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| refuse("no control stream"))??;
+    let claimed = hello(&mut send, &mut recv, me, epoch).await?;
+    if !known.contains_key(&claimed) || claimed == me {
+        return Err(refuse("unknown relay id"));
+    }
+    if check_name(&cert, &relay_name(claimed, domain)).is_err() {
+        return Err(refuse("certificate does not match the relay id"));
+    }
+    run_peer(conn, send, recv, claimed, inputs).await;
+    Ok(())
+}
+
+async fn dial_loop(
+    endpoint: quinn::Endpoint,
+    inputs: mpsc::Sender<Input>,
+    me: RelayId,
+    epoch: u32,
+    peer: Peer,
+    domain: Arc<str>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio::time::timeout(
+            DIAL_TIMEOUT,
+            dial_once(&endpoint, me, epoch, &peer, &domain),
+        )
+        .await
+        {
+            Ok(Ok((conn, send, recv))) => {
+                backoff = Duration::from_millis(100);
+                run_peer(conn, send, recv, peer.id, inputs.clone()).await;
+            }
+            Ok(Err(e)) => debug!(peer = peer.id.0, error = %e, "dial failed"),
+            Err(_) => debug!(peer = peer.id.0, "dial timed out"),
+        }
+        if inputs.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn dial_once(
+    endpoint: &quinn::Endpoint,
+    me: RelayId,
+    epoch: u32,
+    peer: &Peer,
+    domain: &str,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let addr = tokio::net::lookup_host(&peer.addr)
+        .await?
+        .next()
+        .with_context(|| format!("{} does not resolve", peer.addr))?;
+    // The server name proves the peer's identity: its certificate must be
+    // for relay-<id>.<domain>.
+    let conn = endpoint
+        .connect(addr, &relay_name(peer.id, domain))?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let claimed = hello(&mut send, &mut recv, me, epoch).await?;
+    anyhow::ensure!(claimed == peer.id, "peer says it is relay {claimed}");
+    Ok((conn, send, recv))
+}
+
+async fn run_peer(
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: RelayId,
+    inputs: mpsc::Sender<Input>,
+) {
+    let conn_id = conn.stable_id();
+    let writer = spawn_writer(send, WRITER_QUEUE);
+    if inputs
+        .send(Input::PeerConnected {
+            peer,
+            conn: conn.clone(),
+            writer,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let datagrams = {
+        let (conn, inputs) = (conn.clone(), inputs.clone());
+        tokio::spawn(async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if inputs
+                    .send(Input::PeerDatagram(peer, conn_id, d))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    while let Ok(Some(frame)) = read_frame(&mut recv, MAX_PEER_FRAME_LEN).await {
+        if inputs
+            .send(Input::PeerFrame(peer, conn_id, frame))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    conn.close(VarInt::from_u32(0), b"control stream ended");
+    let _ = datagrams.await;
+    let _ = inputs.send(Input::PeerDisconnected(peer, conn_id)).await;
+}
