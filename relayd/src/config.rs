@@ -98,6 +98,13 @@ struct RelaySection {
     hop_limit: u8,
     #[serde(default = "default_max_channels")]
     max_channels_per_client: usize,
+    /// Runtime worker threads (1: everything on one thread).
+    #[serde(default = "default_worker_threads")]
+    worker_threads: usize,
+}
+
+fn default_worker_threads() -> usize {
+    2
 }
 
 fn default_listen() -> String {
@@ -266,6 +273,8 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Runtime worker threads.
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -351,6 +360,9 @@ impl ConfigFile {
         }
         if !(1..=32).contains(&r.hop_limit) {
             return Err(invalid("relay.hop_limit", "must be between 1 and 32"));
+        }
+        if !(1..=256).contains(&r.worker_threads) {
+            return Err(invalid("relay.worker_threads", "must be between 1 and 256"));
         }
         if r.max_channels_per_client == 0 {
             return Err(invalid(
@@ -541,6 +553,7 @@ impl ConfigFile {
             routes,
             log_level: self.log.level.clone(),
             log_format: self.log.format,
+            worker_threads: r.worker_threads,
         })
     }
 }

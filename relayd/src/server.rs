@@ -259,6 +259,9 @@ impl CoreTask {
                     }
                     for input in batch.drain(..) {
                         self.handle(input);
+                        // Act at once: a datagram should not wait for the
+                        // rest of the batch to be processed.
+                        self.execute();
                     }
                 }
                 _ = sleep_until(deadline) => {
