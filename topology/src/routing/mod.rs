@@ -96,6 +96,22 @@ impl RouteSet {
         RouteSet { tables }
     }
 
+    /// Backups for fixed primaries: the given set's primary paths (as
+    /// decided elsewhere, e.g. replicated by the control plane) with their
+    /// metrics re-evaluated on `graph` and a backup computed for each.
+    /// Primaries broken on this graph are dropped.
+    pub fn with_backups(graph: &Graph, config: &RoutingConfig, primaries: &RouteSet) -> RouteSet {
+        let mut dense = Dense::new(graph, &config.cost);
+        let mut work = Workspace::new(dense.n);
+        let tables = (0..dense.n)
+            .map(|s| {
+                let fixed = dense.fixed_primaries(s, primaries.table(dense.ids[s]));
+                dense.with_backups(s, fixed, &mut work)
+            })
+            .collect();
+        RouteSet { tables }
+    }
+
     /// A set made of given tables (sorted by source).
     pub fn from_tables(mut tables: Vec<RouteTable>) -> RouteSet {
         tables.sort_by_key(|t| t.source());
@@ -535,6 +551,37 @@ impl Dense {
         previous: Option<&RouteTable>,
         work: &mut Workspace,
     ) -> RouteTable {
+        let primaries = self.primaries_for(s, config, previous, work);
+        self.with_backups(s, primaries, work)
+    }
+
+    /// The given table's primaries, re-evaluated on this graph; entries
+    /// whose path is broken here are dropped.
+    fn fixed_primaries(&self, s: usize, table: Option<&RouteTable>) -> Vec<Option<Path>> {
+        (0..self.n)
+            .map(|d| {
+                if d == s {
+                    return None;
+                }
+                let e = table?.get(self.ids[d])?;
+                let idx: Option<SmallVec<[u32; 6]>> = e
+                    .primary
+                    .hops
+                    .iter()
+                    .map(|&h| self.index(h).map(|i| i as u32))
+                    .collect();
+                self.evaluate(idx?)
+            })
+            .collect()
+    }
+
+    fn primaries_for(
+        &mut self,
+        s: usize,
+        config: &RoutingConfig,
+        previous: Option<&RouteTable>,
+        work: &mut Workspace,
+    ) -> Vec<Option<Path>> {
         // Cheapest paths over all links. Only where such a path crosses a
         // poor link can the cheapest path over non-poor links be better
         // (otherwise the two coincide), so that search runs only then.
@@ -577,7 +624,16 @@ impl Dense {
                 _ => best,
             }));
         }
+        primaries
+    }
 
+    /// Completes primaries with backups into the source's table.
+    fn with_backups(
+        &mut self,
+        s: usize,
+        primaries: Vec<Option<Path>>,
+        work: &mut Workspace,
+    ) -> RouteTable {
         work.on_primary.clear();
         for (d, p) in primaries.iter().enumerate() {
             if let Some(p) = p {
@@ -851,6 +907,32 @@ mod tests {
             hops(&r4.route(RelayId(0), RelayId(2)).unwrap().primary),
             vec![0, 2]
         );
+    }
+
+    #[test]
+    fn backups_for_fixed_primaries_match_a_full_computation() {
+        let g = mesh(6, |i, j| 20.0 + f64::from((i * 7 + j * 3) % 11) * 15.0);
+        let cfg = RoutingConfig::default();
+        let full = RouteSet::compute(&g, &cfg, None);
+        // Keep only primaries, as a control plane replicates them.
+        let stripped = RouteSet::from_tables(
+            full.tables()
+                .iter()
+                .map(|t| {
+                    let entries = t
+                        .entries()
+                        .iter()
+                        .map(|e| RouteEntry {
+                            backup: None,
+                            ..e.clone()
+                        })
+                        .collect();
+                    RouteTable::new(t.source(), t.epoch(), entries).unwrap()
+                })
+                .collect(),
+        );
+        let rebuilt = RouteSet::with_backups(&g, &cfg, &stripped);
+        assert_eq!(rebuilt, full);
     }
 
     #[test]
