@@ -2,6 +2,8 @@
 //! membership, policy, app credentials and route decisions, and the
 //! `relayctl` operator CLI.
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
+// raft-rs messages are protobuf structs filled field by field.
+#![allow(clippy::field_reassign_with_default)]
 
 pub mod node;
 pub mod ready;

@@ -83,7 +83,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Routing policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Cost weights, poor thresholds, hysteresis.
@@ -92,16 +92,6 @@ pub struct Policy {
     pub forbidden_links: Vec<(RelayId, RelayId)>,
     /// Regions whose relays never carry transit (they stay endpoints).
     pub no_transit_regions: Vec<String>,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            routing: RoutingConfig::default(),
-            forbidden_links: Vec::new(),
-            no_transit_regions: Vec::new(),
-        }
-    }
 }
 
 /// Link metrics as replicated: quantized so that noise does not make
@@ -496,7 +486,7 @@ impl ClusterState {
 }
 
 fn hex_len(s: &str) -> Option<usize> {
-    (s.len() % 2 == 0 && s.bytes().all(|b| b.is_ascii_hexdigit())).then_some(s.len() / 2)
+    (s.len().is_multiple_of(2) && s.bytes().all(|b| b.is_ascii_hexdigit())).then_some(s.len() / 2)
 }
 
 /// Diffs a newly computed route set against the replicated primaries.
