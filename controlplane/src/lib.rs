@@ -5,7 +5,14 @@
 // raft-rs messages are protobuf structs filled field by field.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod engine;
+pub mod http;
 pub mod node;
 pub mod ready;
+pub mod server;
 pub mod state;
 pub mod storage;
+pub mod transport;

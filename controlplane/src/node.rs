@@ -330,16 +330,17 @@ impl RaftNode {
         }
         let (leader, term) = (self.raw.raft.leader_id, self.raw.raft.term);
         if (leader, term) != (self.leader, self.term) {
-            if self.leader == self.config.id && leader != self.config.id {
-                // We lost leadership: outcomes of our proposals are unknown.
-                for (_, token) in self.pending.drain() {
-                    self.completions
-                        .push((token, Err(ProposeError::LeadershipChanged)));
-                }
-                for (_, token) in self.reads_pending.drain() {
-                    self.completions
-                        .push((token, Err(ProposeError::LeadershipChanged)));
-                }
+            // A new leader or term: proposals in flight may be lost (the
+            // old leader died with them) or may still commit. Tell the
+            // callers the outcome is unknown rather than leave them
+            // waiting; they retry.
+            for (_, token) in self.pending.drain() {
+                self.completions
+                    .push((token, Err(ProposeError::LeadershipChanged)));
+            }
+            for (_, token) in self.reads_pending.drain() {
+                self.completions
+                    .push((token, Err(ProposeError::LeadershipChanged)));
             }
             self.leader = leader;
             self.term = term;

@@ -77,6 +77,37 @@ pub struct ConfigFile {
     peers: Vec<PeerSection>,
     #[serde(default)]
     routes: Vec<RouteSection>,
+    control_plane: Option<ControlPlaneSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlPlaneSection {
+    /// Nodes as `ID@ADDR`.
+    nodes: Vec<String>,
+    #[serde(default = "default_report_ms")]
+    report_interval_ms: u64,
+    #[serde(default = "default_capacity")]
+    capacity: u32,
+}
+
+fn default_report_ms() -> u64 {
+    2000
+}
+
+fn default_capacity() -> u32 {
+    1000
+}
+
+/// How this relay talks to the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    /// Nodes to try, in order.
+    pub nodes: Vec<controlplane::client::NodeAddr>,
+    /// Time between full link reports (changes go out sooner).
+    pub report_interval: Duration,
+    /// Clients this relay will serve.
+    pub capacity: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,6 +306,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Runtime worker threads.
     pub worker_threads: usize,
+    /// The control plane, if any.
+    pub control_plane: Option<ControlPlane>,
 }
 
 impl Config {
@@ -508,7 +541,7 @@ impl ConfigFile {
         }
         entries.sort_by_key(|e| e.destination);
         let routes =
-            RouteTable::new(me, 1, entries).map_err(|e| invalid("routes", e.to_string()))?;
+            RouteTable::new(me, 0, entries).map_err(|e| invalid("routes", e.to_string()))?;
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
@@ -517,6 +550,38 @@ impl ConfigFile {
             ));
         }
 
+        let control_plane = match &self.control_plane {
+            None => None,
+            Some(cp) => {
+                let mut nodes = Vec::new();
+                for (i, n) in cp.nodes.iter().enumerate() {
+                    let node: controlplane::client::NodeAddr = n
+                        .parse()
+                        .map_err(|e: String| invalid(format!("control_plane.nodes[{i}]"), e))?;
+                    if node.id.is_none() {
+                        return Err(invalid(
+                            format!("control_plane.nodes[{i}]"),
+                            "write nodes as ID@ADDR",
+                        ));
+                    }
+                    nodes.push(node);
+                }
+                if nodes.is_empty() {
+                    return Err(invalid("control_plane.nodes", "name at least one node"));
+                }
+                if cp.report_interval_ms < 100 {
+                    return Err(invalid(
+                        "control_plane.report_interval_ms",
+                        "must be at least 100",
+                    ));
+                }
+                Some(ControlPlane {
+                    nodes,
+                    report_interval: Duration::from_millis(cp.report_interval_ms),
+                    capacity: cp.capacity,
+                })
+            }
+        };
         let tls = TlsIdentity::load(
             &resolve(base, &self.tls.ca),
             &resolve(base, &self.tls.cert),
@@ -554,6 +619,7 @@ impl ConfigFile {
             log_level: self.log.level.clone(),
             log_format: self.log.format,
             worker_threads: r.worker_threads,
+            control_plane,
         })
     }
 }

@@ -3,5 +3,6 @@
 //! config, starts a [`server::RelayHandle`] and drains it on SIGTERM.
 
 pub mod config;
+pub mod cp_client;
 pub mod metrics;
 pub mod server;

@@ -191,11 +191,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(exporter);
         tracing::info!(%addr, "metrics endpoint");
     }
-    let handle = relayd::server::start(config).await?;
+    let cp = config.control_plane.clone();
+    let tls = config.tls.clone();
+    let info = controlplane::state::RelayInfo {
+        name: config.name.clone(),
+        region: config.core.region.clone(),
+        location: config.location,
+        addr: config.public_addr.clone(),
+        capacity: cp.as_ref().map_or(0, |c| c.capacity),
+    };
+    let handle = std::sync::Arc::new(relayd::server::start(config).await?);
+    let session = cp.map(|cp| tokio::spawn(relayd::cp_client::run(handle.clone(), cp, tls, info)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+    if let Some(s) = session {
+        s.abort();
     }
     handle.drain_and_stop().await;
     tracing::info!("stopped");

@@ -43,7 +43,8 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What connection tasks and the handle tell the core task.
-enum Input {
+#[derive(Debug)]
+pub enum Input {
     ClientConnected {
         id: ClientId,
         conn: quinn::Connection,
@@ -62,6 +63,8 @@ enum Input {
     PeerDatagram(RelayId, usize, Bytes),
     PeerDisconnected(RelayId, usize),
     SetRoutes(RouteTable, oneshot::Sender<bool>),
+    SetApps(HashMap<String, Vec<u8>>),
+    SetDraining(bool),
     Drain(oneshot::Sender<()>),
     Snapshot(oneshot::Sender<Snapshot>),
 }
@@ -89,6 +92,49 @@ pub struct RelayHandle {
     inputs: mpsc::Sender<Input>,
     core: JoinHandle<()>,
     id: RelayId,
+    peers: Arc<PeerRegistry>,
+}
+
+/// The relays this one keeps connections with: from the config, plus
+/// those the control plane announces. Relays with a higher id are dialled.
+#[derive(Debug)]
+pub struct PeerRegistry {
+    me: RelayId,
+    epoch: u32,
+    endpoint: quinn::Endpoint,
+    inputs: mpsc::Sender<Input>,
+    domain: Arc<str>,
+    static_peers: HashMap<RelayId, Peer>,
+    known: std::sync::RwLock<HashMap<RelayId, Peer>>,
+}
+
+impl PeerRegistry {
+    fn get(&self, id: RelayId) -> Option<Peer> {
+        self.known.read().expect("peers lock").get(&id).cloned()
+    }
+
+    /// Replaces the announced peers (static ones stay) and dials new ones.
+    pub fn set(self: &Arc<Self>, announced: &[Peer]) {
+        let mut next = self.static_peers.clone();
+        for p in announced {
+            if p.id != self.me {
+                next.entry(p.id).or_insert_with(|| p.clone());
+            }
+        }
+        let added: Vec<Peer> = {
+            let mut known = self.known.write().expect("peers lock");
+            let added = next
+                .values()
+                .filter(|p| known.get(&p.id) != Some(p))
+                .cloned()
+                .collect();
+            *known = next;
+            added
+        };
+        for p in added.into_iter().filter(|p| p.id > self.me) {
+            tokio::spawn(dial_loop(self.clone(), p));
+        }
+    }
 }
 
 impl RelayHandle {
@@ -114,6 +160,27 @@ impl RelayHandle {
         Ok(rx.await?)
     }
 
+    /// Replaces the apps (from the control plane).
+    pub async fn set_apps(&self, apps: HashMap<String, Vec<u8>>) -> anyhow::Result<()> {
+        self.inputs
+            .send(Input::SetApps(apps))
+            .await
+            .map_err(|_| anyhow::anyhow!("relay stopped"))
+    }
+
+    /// Starts (or ends) a drain ordered by the control plane.
+    pub async fn set_draining(&self, draining: bool) -> anyhow::Result<()> {
+        self.inputs
+            .send(Input::SetDraining(draining))
+            .await
+            .map_err(|_| anyhow::anyhow!("relay stopped"))
+    }
+
+    /// Adds the peers the control plane announces (config peers stay).
+    pub fn set_peers(&self, peers: &[Peer]) {
+        self.peers.set(peers);
+    }
+
     /// Installs a route table if it is newer than the current one.
     pub async fn set_routes(&self, table: RouteTable) -> anyhow::Result<bool> {
         let (tx, rx) = oneshot::channel();
@@ -126,7 +193,7 @@ impl RelayHandle {
 
     /// Tells clients to move, waits until they left or the drain deadline
     /// passed, then closes everything.
-    pub async fn drain_and_stop(self) {
+    pub async fn drain_and_stop(&self) {
         let (tx, rx) = oneshot::channel();
         if self.inputs.send(Input::Drain(tx)).await.is_ok() {
             let _ = rx.await;
@@ -141,7 +208,7 @@ impl RelayHandle {
     }
 
     /// Stops at once, without draining (tests).
-    pub fn abort(self) {
+    pub fn abort(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"relay aborted");
         self.core.abort();
     }
@@ -187,35 +254,27 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .run(rx),
     );
 
-    let known: Arc<HashMap<RelayId, Peer>> =
-        Arc::new(config.peers.iter().map(|p| (p.id, p.clone())).collect());
-    let domain: Arc<str> = config.tls.domain().into();
-    let next_client = Arc::new(AtomicU64::new(1));
-    tokio::spawn(accept_loop(
-        endpoint.clone(),
-        inputs.clone(),
-        id,
+    let static_peers: HashMap<RelayId, Peer> =
+        config.peers.iter().map(|p| (p.id, p.clone())).collect();
+    let peers = Arc::new(PeerRegistry {
+        me: id,
         epoch,
-        known.clone(),
-        domain.clone(),
-        next_client,
-    ));
-    for peer in config.peers.iter().filter(|p| p.id > id) {
-        tokio::spawn(dial_loop(
-            endpoint.clone(),
-            inputs.clone(),
-            id,
-            epoch,
-            peer.clone(),
-            domain.clone(),
-        ));
-    }
+        endpoint: endpoint.clone(),
+        inputs: inputs.clone(),
+        domain: config.tls.domain().into(),
+        known: std::sync::RwLock::new(HashMap::new()),
+        static_peers,
+    });
+    peers.set(&[]);
+    let next_client = Arc::new(AtomicU64::new(1));
+    tokio::spawn(accept_loop(peers.clone(), next_client));
     info!(relay = id.0, listen = %endpoint.local_addr()?, peers = config.peers.len(), "relay started");
     Ok(RelayHandle {
         endpoint,
         inputs,
         core,
         id,
+        peers,
     })
 }
 
@@ -338,6 +397,19 @@ impl CoreTask {
                 }
                 let _ = reply.send(installed);
             }
+            Input::SetApps(apps) => self.relay.set_apps(apps),
+            Input::SetDraining(true) => {
+                if !self.relay.is_draining() {
+                    info!("drained by the control plane: telling clients to move");
+                    self.relay.begin_drain(now);
+                }
+            }
+            Input::SetDraining(false) => {
+                if self.relay.is_draining() {
+                    info!("undrained by the control plane");
+                    self.relay.end_drain();
+                }
+            }
             Input::Drain(done) => {
                 info!("draining");
                 self.relay.begin_drain(now);
@@ -444,22 +516,10 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    inputs: mpsc::Sender<Input>,
-    me: RelayId,
-    epoch: u32,
-    known: Arc<HashMap<RelayId, Peer>>,
-    domain: Arc<str>,
-    next_client: Arc<AtomicU64>,
-) {
+async fn accept_loop(peers: Arc<PeerRegistry>, next_client: Arc<AtomicU64>) {
+    let endpoint = peers.endpoint.clone();
     while let Some(incoming) = endpoint.accept().await {
-        let (inputs, known, domain, next_client) = (
-            inputs.clone(),
-            known.clone(),
-            domain.clone(),
-            next_client.clone(),
-        );
+        let (peers, next_client) = (peers.clone(), next_client.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -472,10 +532,10 @@ async fn accept_loop(
             match negotiated_alpn(&conn).as_deref() {
                 Some(CLIENT_ALPN) => {
                     let id = ClientId(next_client.fetch_add(1, Ordering::Relaxed));
-                    serve_client(conn, id, inputs).await;
+                    serve_client(conn, id, peers.inputs.clone()).await;
                 }
                 Some(PEER_ALPN) => {
-                    if let Err(e) = accept_peer(conn, inputs, me, epoch, &known, &domain).await {
+                    if let Err(e) = accept_peer(conn, &peers).await {
                         warn!(%remote, error = %e, "refused peer");
                     }
                 }
@@ -573,14 +633,7 @@ async fn hello(
     }
 }
 
-async fn accept_peer(
-    conn: quinn::Connection,
-    inputs: mpsc::Sender<Input>,
-    me: RelayId,
-    epoch: u32,
-    known: &HashMap<RelayId, Peer>,
-    domain: &str,
-) -> anyhow::Result<()> {
+async fn accept_peer(conn: quinn::Connection, peers: &PeerRegistry) -> anyhow::Result<()> {
     let refuse = |why: &'static str| {
         conn.close(
             VarInt::from_u32(CloseCode::ProtocolViolation.code()),
@@ -594,41 +647,31 @@ async fn accept_peer(
     let (mut send, mut recv) = tokio::time::timeout(STREAM_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| refuse("no control stream"))??;
-    let claimed = hello(&mut send, &mut recv, me, epoch).await?;
-    if !known.contains_key(&claimed) || claimed == me {
+    let claimed = hello(&mut send, &mut recv, peers.me, peers.epoch).await?;
+    if peers.get(claimed).is_none() || claimed == peers.me {
         return Err(refuse("unknown relay id"));
     }
-    if check_name(&cert, &relay_name(claimed, domain)).is_err() {
+    if check_name(&cert, &relay_name(claimed, &peers.domain)).is_err() {
         return Err(refuse("certificate does not match the relay id"));
     }
-    run_peer(conn, send, recv, claimed, inputs).await;
+    run_peer(conn, send, recv, claimed, peers.inputs.clone()).await;
     Ok(())
 }
 
-async fn dial_loop(
-    endpoint: quinn::Endpoint,
-    inputs: mpsc::Sender<Input>,
-    me: RelayId,
-    epoch: u32,
-    peer: Peer,
-    domain: Arc<str>,
-) {
+async fn dial_loop(peers: Arc<PeerRegistry>, peer: Peer) {
     let mut backoff = Duration::from_millis(100);
-    loop {
-        match tokio::time::timeout(
-            DIAL_TIMEOUT,
-            dial_once(&endpoint, me, epoch, &peer, &domain),
-        )
-        .await
-        {
+    // Runs while the registry still lists this peer at this address.
+    while peers.get(peer.id).as_ref() == Some(&peer) {
+        let dial = dial_once(&peers.endpoint, peers.me, peers.epoch, &peer, &peers.domain);
+        match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
             Ok(Ok((conn, send, recv))) => {
                 backoff = Duration::from_millis(100);
-                run_peer(conn, send, recv, peer.id, inputs.clone()).await;
+                run_peer(conn, send, recv, peer.id, peers.inputs.clone()).await;
             }
             Ok(Err(e)) => debug!(peer = peer.id.0, error = %e, "dial failed"),
             Err(_) => debug!(peer = peer.id.0, "dial timed out"),
         }
-        if inputs.is_closed() {
+        if peers.inputs.is_closed() {
             return;
         }
         tokio::time::sleep(backoff).await;

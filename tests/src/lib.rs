@@ -97,10 +97,11 @@ impl Cluster {
         let mut cmd = Command::new(bin("relayd"));
         cmd.args(["pki", "init", "--dir"])
             .arg(dir.path().join("pki"))
-            .arg("--relays")
-            .arg(relays.join(","))
             .arg("--operators")
             .arg("test");
+        if !relays.is_empty() {
+            cmd.arg("--relays").arg(relays.join(","));
+        }
         if control_plane > 0 {
             let cp: Vec<String> = (1..=control_plane).map(|i| i.to_string()).collect();
             cmd.arg("--control-plane").arg(cp.join(","));
@@ -429,4 +430,188 @@ pub async fn session(cluster: &Cluster, addr: SocketAddr) -> Session {
     Session::connect(&endpoint, config, addr, "localhost", Duration::from_secs(5))
         .await
         .expect("session connects")
+}
+
+/// Settings of one control-plane node's config file.
+#[derive(Debug, Clone)]
+pub struct CpSpec {
+    /// Raft id.
+    pub id: u64,
+    /// QUIC port.
+    pub port: u16,
+    /// HTTP (metrics) port.
+    pub http_port: u16,
+    /// `(id, address)` of every member as this node dials it.
+    pub members: Vec<(u64, String)>,
+    /// Start empty and wait to be added.
+    pub join: bool,
+}
+
+impl CpSpec {
+    /// Node `id` on fresh ports (members filled by the caller).
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            port: free_udp_port(),
+            http_port: free_tcp_port(),
+            members: Vec::new(),
+            join: false,
+        }
+    }
+
+    /// The node's API address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The config text.
+    pub fn toml(&self, pki: &Path, data: &Path) -> String {
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .map(|(id, a)| format!("{{ id = {id}, addr = \"{a}\" }}"))
+            .collect();
+        format!(
+            r#"[node]
+id = {id}
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+http_listen = "127.0.0.1:{http}"
+
+[tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/cp-{id}.pem"
+key = "{pki}/cp-{id}.key"
+
+[raft]
+heartbeat_ms = 100
+election_ms = 1000
+
+[routing]
+epoch_interval_ms = 500
+
+[cluster]
+members = [{members}]
+join = {join}
+
+[[apps]]
+id = "{APP}"
+secret = "{APP_SECRET_HEX}"
+"#,
+            id = self.id,
+            port = self.port,
+            http = self.http_port,
+            data = data.display(),
+            pki = pki.display(),
+            members = members.join(", "),
+            join = self.join,
+        )
+    }
+}
+
+/// A control-plane node process.
+#[allow(missing_debug_implementations)]
+pub struct CpProc {
+    /// Its spec.
+    pub spec: CpSpec,
+    /// The process (None while stopped).
+    pub proc: Option<Proc>,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+impl CpProc {
+    /// Writes the config and starts the node.
+    pub fn start(cluster: &Cluster, spec: CpSpec) -> CpProc {
+        let dir = cluster.dir.path().to_owned();
+        let data = dir.join(format!("cp-{}-data", spec.id));
+        let config = dir.join(format!("cp-{}.toml", spec.id));
+        std::fs::write(&config, spec.toml(&cluster.pki(), &data)).unwrap();
+        let mut c = CpProc {
+            spec,
+            proc: None,
+            config,
+            dir,
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts the process again (same config and data).
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(bin("controlplane"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "controlplane=debug,raft=info,info");
+        self.proc = Some(Proc::spawn(cmd, &self.dir, &format!("cp-{}", self.spec.id)));
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// The node's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("cp-{}.log", self.spec.id)))
+            .unwrap_or_default()
+    }
+}
+
+/// The operator identity of the test cluster.
+pub fn operator(cluster: &Cluster) -> relay_net::tls::TlsIdentity {
+    let pki = cluster.pki();
+    relay_net::tls::TlsIdentity::load(
+        &pki.join("ca.pem"),
+        &pki.join("operator-test.pem"),
+        &pki.join("operator-test.key"),
+        "relays.internal",
+    )
+    .unwrap()
+}
+
+/// One request to a node; errors become `Response::Error`.
+pub async fn cp_request(
+    identity: &relay_net::tls::TlsIdentity,
+    addr: SocketAddr,
+    req: &controlplane::api::Request,
+    timeout: Duration,
+) -> controlplane::api::Response {
+    use controlplane::api::Response;
+    use controlplane::client::{CpClient, NodeAddr};
+    let node = NodeAddr { id: None, addr };
+    let fut = async {
+        let c = CpClient::connect(&node, identity).await?;
+        c.request(req).await
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Response::Error {
+            message: e.to_string(),
+        },
+        Err(_) => Response::Error {
+            message: "timeout".into(),
+        },
+    }
+}
+
+/// The status of a node, if it answers.
+pub async fn cp_status(
+    identity: &relay_net::tls::TlsIdentity,
+    addr: SocketAddr,
+) -> Option<controlplane::api::ClusterStatus> {
+    match cp_request(
+        identity,
+        addr,
+        &controlplane::api::Request::Status,
+        Duration::from_secs(1),
+    )
+    .await
+    {
+        controlplane::api::Response::Status(s) => Some(s),
+        _ => None,
+    }
 }

@@ -246,18 +246,24 @@ impl Relay {
         links.chain(drain).min()
     }
 
-    /// Installs a route table if it is newer than the current one
-    /// (or the current one is empty). Returns whether it was installed.
+    /// Installs a route table if its epoch is newer than the current
+    /// one's. Epoch 0 marks static routes from the config, which any
+    /// control-plane epoch replaces. Returns whether it was installed.
     pub fn set_route_table(&mut self, table: RouteTable) -> bool {
         if table.source() != self.config.id {
             return false;
         }
-        let current = self.forwarding.table();
-        if !current.entries().is_empty() && table.epoch() <= current.epoch() {
+        let current = self.forwarding.table().epoch();
+        if table.epoch() != 0 && table.epoch() <= current {
             return false;
         }
         self.forwarding.set_table(table);
         true
+    }
+
+    /// Replaces the apps (from the control plane). Joined members stay.
+    pub fn set_apps(&mut self, apps: HashMap<String, Vec<u8>>) {
+        self.config.apps = apps;
     }
 
     // ----- clients -----------------------------------------------------
@@ -800,6 +806,12 @@ impl Relay {
         for c in clients {
             self.send_drain(c, now, until);
         }
+    }
+
+    /// Ends a drain: joins are accepted again.
+    pub fn end_drain(&mut self) {
+        self.draining_until = None;
+        self.drain_finished = false;
     }
 
     fn send_drain(&mut self, client: ClientId, now: Instant, until: Instant) {

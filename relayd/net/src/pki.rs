@@ -247,6 +247,11 @@ mod tests {
         let cert = CertificateDer::from_pem_slice(&cp).unwrap();
         check_name(&cert, "cp-2.test.internal").unwrap();
         check_name(&cert, "localhost").unwrap();
+        assert_eq!(
+            crate::tls::identity(&cert, "test.internal"),
+            Some(crate::tls::Identity::ControlPlane(2))
+        );
+        assert_eq!(crate::tls::identity(&cert, "other.domain"), None);
         // Adding a node later reuses the CA.
         let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
         init_dev_pki(dir.path(), &[Node::Relay(3)], "test.internal", &[]).unwrap();

@@ -224,6 +224,41 @@ pub fn check_name(cert: &CertificateDer<'_>, name: &str) -> Result<(), TlsError>
         .map_err(|e| err(e.to_string()))
 }
 
+/// Who a certificate says it is, by the cluster naming convention.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// `relay-<id>.<domain>`.
+    Relay(RelayId),
+    /// `cp-<id>.<domain>`.
+    ControlPlane(u64),
+    /// `operator-<name>.<domain>`.
+    Operator(String),
+}
+
+/// The cluster identity in a certificate's DNS names (its chain was
+/// verified against the CA during the handshake). `None` when it has none.
+pub fn identity(cert: &CertificateDer<'_>, domain: &str) -> Option<Identity> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let suffix = format!(".{domain}");
+    san.value.general_names.iter().find_map(|n| {
+        let GeneralName::DNSName(name) = n else {
+            return None;
+        };
+        let host = name.strip_suffix(suffix.as_str())?;
+        if let Some(id) = host.strip_prefix("relay-") {
+            return id.parse().ok().map(|id| Identity::Relay(RelayId(id)));
+        }
+        if let Some(id) = host.strip_prefix("cp-") {
+            return id.parse().ok().map(Identity::ControlPlane);
+        }
+        host.strip_prefix("operator-")
+            .filter(|n| !n.is_empty())
+            .map(|n| Identity::Operator(n.to_owned()))
+    })
+}
+
 /// The certificate a peer presented on a connection, if any.
 pub fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let any = conn.peer_identity()?;

@@ -15,8 +15,9 @@
 //! Profiles change at run time over the control port, one command per line:
 //! `set <link> <fwd|rev|both> key=value...` (keys: delay_ms, jitter_ms, loss,
 //! burst, rate_kbps, queue_ms) answers `ok` or `error: ...`; `show` answers
-//! one JSON line with every link's profiles and counters. On start the shim
-//! prints one JSON line with the bound addresses.
+//! one JSON line with every link's profiles and counters; `block <link>...`
+//! and `unblock <link>...` cut and restore links entirely (partitions). On
+//! start the shim prints one JSON line with the bound addresses.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ struct Link {
     target: SocketAddr,
     fwd: Direction,
     rev: Direction,
+    /// Drops everything both ways (a cut or a partition).
+    blocked: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Serialize)]
@@ -186,6 +189,9 @@ async fn serve_link(shim: Arc<Shim>, link: Arc<Link>, socket: Arc<UdpSocket>) {
                         let Ok(n) = up.recv(&mut buf).await else {
                             continue;
                         };
+                        if link.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+                            continue;
+                        }
                         let fate = link
                             .rev
                             .model
@@ -198,6 +204,9 @@ async fn serve_link(shim: Arc<Shim>, link: Arc<Link>, socket: Arc<UdpSocket>) {
                 s
             }
         };
+        if link.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
         let fate = link
             .fwd
             .model
@@ -222,6 +231,23 @@ async fn control(shim: Arc<Shim>, listener: TcpListener) {
                 let line = line.trim();
                 let reply = if line == "show" {
                     shim.show()
+                } else if let Some(rest) = line
+                    .strip_prefix("block ")
+                    .or_else(|| line.strip_prefix("unblock "))
+                {
+                    let block = line.starts_with("block ");
+                    let mut unknown = Vec::new();
+                    for name in rest.split_whitespace() {
+                        match shim.links.get(name) {
+                            Some(l) => l.blocked.store(block, std::sync::atomic::Ordering::Relaxed),
+                            None => unknown.push(name),
+                        }
+                    }
+                    if unknown.is_empty() {
+                        "ok".to_owned()
+                    } else {
+                        format!("error: no link {unknown:?}")
+                    }
                 } else if let Some(cmd) = line.strip_prefix("set ") {
                     match shim.apply(cmd) {
                         Ok(()) => "ok".to_owned(),
@@ -276,6 +302,7 @@ async fn main() -> anyhow::Result<()> {
             rev: Direction {
                 model: Mutex::new(LinkModel::new(Profile::CLEAN, seed + 1)),
             },
+            blocked: std::sync::atomic::AtomicBool::new(false),
         });
         if links.insert(name.to_owned(), link.clone()).is_some() {
             bail!("link {name} given twice");

@@ -157,6 +157,7 @@ impl Net {
         entries.sort_by_key(|e| e.destination);
         let relay = self.relays.get_mut(&RelayId(source)).unwrap();
         let epoch = relay.route_table().epoch() + 1;
+        // (epoch 0 is for config routes; tests install as a control plane would)
         let table = RouteTable::new(RelayId(source), epoch, entries).unwrap();
         assert!(relay.set_route_table(table));
     }

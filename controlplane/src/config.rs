@@ -1,0 +1,332 @@
+//! Control-plane node configuration (TOML), validated before anything
+//! starts (`controlplane --check-config`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_net::tls::{TlsIdentity, control_plane_name};
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+use crate::node::NodeConfig;
+use crate::state::Secret;
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, unknown key, wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value that is not acceptable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Which setting.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Certificates or keys that do not load.
+    #[error(transparent)]
+    Tls(#[from] relay_net::tls::TlsError),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: NodeSection,
+    tls: TlsSection,
+    #[serde(default)]
+    raft: RaftSection,
+    cluster: ClusterSection,
+    #[serde(default)]
+    routing: RoutingSection,
+    #[serde(default)]
+    log: LogSection,
+    #[serde(default)]
+    apps: Vec<AppSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    id: u64,
+    listen: String,
+    data_dir: PathBuf,
+    http_listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_domain")]
+    cluster_domain: String,
+}
+
+fn default_domain() -> String {
+    "relays.internal".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RaftSection {
+    heartbeat_ms: u64,
+    election_ms: u64,
+    snapshot_every: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_ms: 1000,
+            snapshot_every: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberSection {
+    id: u64,
+    addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    /// The initial members (every node lists the same set).
+    members: Vec<MemberSection>,
+    /// This node joins a running cluster (started empty, added with
+    /// `relayctl members add`).
+    #[serde(default)]
+    join: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RoutingSection {
+    epoch_interval_ms: u64,
+    lease_ms: u64,
+    stale_after_ms: u64,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Self {
+            epoch_interval_ms: e.epoch_interval.as_millis() as u64,
+            lease_ms: e.lease.as_millis() as u64,
+            stale_after_ms: e.stale_after.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogSection {
+    level: String,
+    format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppSection {
+    id: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AppSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppSection")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A validated node configuration.
+#[derive(Debug)]
+pub struct CpConfig {
+    /// Raft settings.
+    pub node: NodeConfig,
+    /// Tick length (the heartbeat interval).
+    pub tick: Duration,
+    /// QUIC listen address (Raft and API).
+    pub listen: SocketAddr,
+    /// HTTP listen address (metrics, status page).
+    pub http_listen: Option<SocketAddr>,
+    /// sled folder.
+    pub data_dir: PathBuf,
+    /// Certificates.
+    pub tls: TlsIdentity,
+    /// Initial members `(id, addr)`.
+    pub members: Vec<(u64, String)>,
+    /// Joining a running cluster.
+    pub join: bool,
+    /// Route engine timing.
+    pub engine: EngineConfig,
+    /// Apps to create if absent, proposed by the first leader.
+    pub apps: Vec<(String, Secret)>,
+    /// Log filter.
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_json: bool,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+impl CpConfig {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<CpConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let f: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if f.node.id == 0 {
+            return Err(invalid("node.id", "must be positive"));
+        }
+        let listen: SocketAddr = f
+            .node
+            .listen
+            .parse()
+            .map_err(|e| invalid("node.listen", format!("{e}")))?;
+        let http_listen = f
+            .node
+            .http_listen
+            .as_deref()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| invalid("node.http_listen", format!("{e}")))
+            })
+            .transpose()?;
+        if f.raft.heartbeat_ms < 10 || f.raft.election_ms < 3 * f.raft.heartbeat_ms {
+            return Err(invalid(
+                "raft",
+                "heartbeat_ms must be at least 10 and election_ms at least 3 heartbeats",
+            ));
+        }
+        let mut node = NodeConfig::new(f.node.id);
+        node.heartbeat_ticks = 1;
+        node.election_ticks = (f.raft.election_ms / f.raft.heartbeat_ms) as usize;
+        node.snapshot_every = f.raft.snapshot_every.max(10);
+        let mut members = Vec::new();
+        for (i, m) in f.cluster.members.iter().enumerate() {
+            if m.id == 0 || members.iter().any(|(id, _)| *id == m.id) {
+                return Err(invalid(
+                    format!("cluster.members[{i}].id"),
+                    "must be positive and unique",
+                ));
+            }
+            m.addr
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid(format!("cluster.members[{i}].addr"), format!("{e}")))?;
+            members.push((m.id, m.addr.clone()));
+        }
+        if !f.cluster.join && !members.iter().any(|(id, _)| *id == f.node.id) {
+            return Err(invalid(
+                "cluster.members",
+                "must include this node (or set join = true)",
+            ));
+        }
+        let tls = TlsIdentity::load(
+            &resolve(base, &f.tls.ca),
+            &resolve(base, &f.tls.cert),
+            &resolve(base, &f.tls.key),
+            &f.tls.cluster_domain,
+        )?;
+        tls.check_own_name(&control_plane_name(f.node.id, &f.tls.cluster_domain))?;
+        let mut apps = Vec::new();
+        for (i, a) in f.apps.iter().enumerate() {
+            let hex_text = match (&a.secret, &a.secret_file) {
+                (Some(s), None) => s.trim().to_owned(),
+                (None, Some(p)) => {
+                    let p = resolve(base, p);
+                    std::fs::read_to_string(&p)
+                        .map_err(|source| ConfigError::Io { path: p, source })?
+                        .trim()
+                        .to_owned()
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("apps[{i}]"),
+                        "give exactly one of secret and secret_file",
+                    ));
+                }
+            };
+            let bytes = hex::decode(&hex_text)
+                .map_err(|_| invalid(format!("apps[{i}].secret"), "is not hex"))?;
+            if bytes.len() < relay_core::token::MIN_SECRET_LEN {
+                return Err(invalid(
+                    format!("apps[{i}].secret"),
+                    "must be at least 16 bytes",
+                ));
+            }
+            apps.push((a.id.clone(), Secret(hex_text)));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {
+            return Err(invalid("log.level", "not a log filter"));
+        }
+        Ok(CpConfig {
+            node,
+            tick: Duration::from_millis(f.raft.heartbeat_ms),
+            listen,
+            http_listen,
+            data_dir: resolve(base, &f.node.data_dir),
+            tls,
+            members,
+            join: f.cluster.join,
+            engine: EngineConfig {
+                epoch_interval: Duration::from_millis(f.routing.epoch_interval_ms),
+                lease: Duration::from_millis(f.routing.lease_ms),
+                stale_after: Duration::from_millis(f.routing.stale_after_ms),
+            },
+            apps,
+            log_level: f.log.level,
+            log_json: f.log.format == "json",
+        })
+    }
+}

@@ -1,0 +1,361 @@
+//! The leader's route engine: soft state in, replicated decisions out.
+//!
+//! Relays report link measurements every few seconds and whenever a link
+//! changes meaningfully; those reports stay in the leader's memory (soft
+//! state: a new leader rebuilds it from the next reports within seconds).
+//! What crosses Raft is decided here, at most once per epoch interval:
+//! - link metrics, quantized, only for links that changed *meaningfully*
+//!   (RTT by more than 10 % and 5 ms, jitter by more than 2 ms, loss by
+//!   more than half a percentage point, or the poor verdict flipped), that
+//!   appeared, or that went stale or dead;
+//! - liveness: a relay silent for longer than its lease is marked down, and
+//!   up again when it reports;
+//! - the new primary paths (computed with `topology`, hysteresis against
+//!   the replicated primaries), as a diff.
+//!
+//! Thousands of probe samples a second thus become a handful of log
+//! entries a minute in a steady network.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use topology::{Metrics, PoorThresholds, RelayId, RouteSet};
+
+use crate::state::{ClusterState, Command, LinkMetricsQ, LinkUpdate, primary_updates};
+
+/// Engine timing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Shortest time between two route epochs.
+    pub epoch_interval: Duration,
+    /// A link not reported for this long is removed.
+    pub stale_after: Duration,
+    /// A relay not heard from for this long is marked down.
+    pub lease: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            epoch_interval: Duration::from_secs(1),
+            stale_after: Duration::from_secs(15),
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One link as a relay reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// The peer at the other end.
+    pub peer: RelayId,
+    /// Metrics, or `None` when the link is down or unmeasured.
+    pub metrics: Option<Metrics>,
+}
+
+/// True when `new` differs from `old` enough to be worth a log entry.
+pub fn meaningful_change(old: &Metrics, new: &Metrics, poor: &PoorThresholds) -> bool {
+    let rtt = (new.rtt_ms - old.rtt_ms).abs();
+    let jitter = (new.jitter_ms - old.jitter_ms).abs();
+    let loss = (new.loss - old.loss).abs();
+    rtt > 5.0 && rtt > 0.1 * old.rtt_ms
+        || jitter > 2.0
+        || loss > 0.005
+        || poor.is_poor(old) != poor.is_poor(new)
+}
+
+/// The leader's soft state.
+#[derive(Debug, Default)]
+pub struct RouteEngine {
+    config: EngineConfig,
+    reports: HashMap<(RelayId, RelayId), (Option<Metrics>, Instant)>,
+    heard: HashMap<RelayId, Instant>,
+    last_epoch: Option<Instant>,
+    in_flight: bool,
+    leader_since: Option<Instant>,
+}
+
+/// A route epoch ready to propose.
+#[derive(Debug, Clone)]
+pub struct EpochPlan {
+    /// The command.
+    pub command: Command,
+    /// Pairs whose primary changes.
+    pub route_changes: usize,
+    /// Links that change.
+    pub link_changes: usize,
+}
+
+impl RouteEngine {
+    /// An engine with the given timing.
+    pub fn new(config: EngineConfig) -> Self {
+        Self {
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// This node became leader at `now`: start the leases afresh (the
+    /// previous leader's knowledge is gone) and forget in-flight work.
+    pub fn became_leader(&mut self, now: Instant) {
+        self.leader_since = Some(now);
+        self.in_flight = false;
+        self.last_epoch = None;
+    }
+
+    /// This node stopped leading: drop the soft state.
+    pub fn lost_leadership(&mut self) {
+        *self = RouteEngine::new(self.config.clone());
+    }
+
+    /// A relay's report of its outgoing links.
+    pub fn on_report(&mut self, relay: RelayId, links: &[LinkReport], now: Instant) {
+        self.heard.insert(relay, now);
+        for l in links {
+            if l.peer != relay {
+                self.reports
+                    .insert((relay, l.peer), (l.metrics.filter(Metrics::is_valid), now));
+            }
+        }
+    }
+
+    /// A relay was heard from (connected, heartbeat).
+    pub fn on_heartbeat(&mut self, relay: RelayId, now: Instant) {
+        self.heard.insert(relay, now);
+    }
+
+    /// Liveness decisions to propose now.
+    pub fn liveness(&self, state: &ClusterState, now: Instant) -> Vec<Command> {
+        let Some(since) = self.leader_since else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in state.relays.values() {
+            // A new leader gives every relay a full lease first.
+            let last = self.heard.get(&r.id).copied().unwrap_or(since).max(since);
+            let alive = now.saturating_duration_since(last) < self.config.lease;
+            if alive != r.alive {
+                out.push(Command::SetAlive { id: r.id, alive });
+            }
+        }
+        out
+    }
+
+    /// True when an epoch may be computed now.
+    pub fn due(&self, now: Instant) -> bool {
+        !self.in_flight
+            && self
+                .last_epoch
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.config.epoch_interval)
+    }
+
+    /// Link changes worth replicating, against the replicated links.
+    pub fn link_updates(&self, state: &ClusterState, now: Instant) -> Vec<LinkUpdate> {
+        let poor = &state.policy.routing.cost.poor;
+        let mut out = Vec::new();
+        for (&(from, to), &(metrics, at)) in &self.reports {
+            let fresh = now.saturating_duration_since(at) < self.config.stale_after;
+            let current = state.links.get(&(from, to));
+            match (metrics.filter(|_| fresh), current) {
+                (Some(m), None) => out.push(LinkUpdate {
+                    from,
+                    to,
+                    metrics: Some(LinkMetricsQ::from_metrics(&m)),
+                }),
+                (Some(m), Some(q)) if meaningful_change(&q.metrics(), &m, poor) => {
+                    out.push(LinkUpdate {
+                        from,
+                        to,
+                        metrics: Some(LinkMetricsQ::from_metrics(&m)),
+                    })
+                }
+                (None, Some(_)) => out.push(LinkUpdate {
+                    from,
+                    to,
+                    metrics: None,
+                }),
+                _ => {}
+            }
+        }
+        // Replicated links nobody reports any more.
+        if let Some(since) = self.leader_since
+            && now.saturating_duration_since(since) >= self.config.stale_after
+        {
+            for &(from, to) in state.links.keys() {
+                if !self.reports.contains_key(&(from, to)) {
+                    out.push(LinkUpdate {
+                        from,
+                        to,
+                        metrics: None,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|u| (u.from, u.to));
+        out
+    }
+
+    /// Plans the next epoch: link updates, then routes on the updated
+    /// graph with hysteresis against the replicated primaries. `None` when
+    /// nothing would change, unless `force` (relays or policy changed:
+    /// backups must be recomputed even if no primary moves). Pure
+    /// computation: run it off the Raft task.
+    pub fn plan(state: &ClusterState, links: Vec<LinkUpdate>, force: bool) -> Option<EpochPlan> {
+        let mut next = state.clone();
+        for u in &links {
+            match u.metrics {
+                Some(m) => next.links.insert((u.from, u.to), m),
+                None => next.links.remove(&(u.from, u.to)),
+            };
+        }
+        let routes = RouteSet::compute(
+            &next.graph(),
+            &next.policy.routing,
+            Some(&state.primary_set()),
+        );
+        let primaries = primary_updates(state, &routes);
+        if links.is_empty() && primaries.is_empty() && state.epoch > 0 && !force {
+            return None;
+        }
+        Some(EpochPlan {
+            route_changes: primaries.len(),
+            link_changes: links.len(),
+            command: Command::RouteEpoch {
+                epoch: state.epoch + 1,
+                links,
+                primaries,
+                basis: state.basis,
+            },
+        })
+    }
+
+    /// An epoch computation started.
+    pub fn epoch_started(&mut self, now: Instant) {
+        self.in_flight = true;
+        self.last_epoch = Some(now);
+    }
+
+    /// The epoch was applied, rejected or abandoned.
+    pub fn epoch_finished(&mut self) {
+        self.in_flight = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::RelayInfo;
+
+    fn state_with(relays: &[u32]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for &r in relays {
+            s.apply(&Command::RegisterRelay {
+                id: RelayId(r),
+                info: RelayInfo {
+                    name: format!("r{r}"),
+                    region: "X".into(),
+                    location: None,
+                    addr: "127.0.0.1:1".into(),
+                    capacity: 1,
+                },
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    fn report(peer: u32, rtt: f64) -> LinkReport {
+        LinkReport {
+            peer: RelayId(peer),
+            metrics: Some(Metrics::rtt(rtt)),
+        }
+    }
+
+    #[test]
+    fn only_meaningful_changes_cross_raft() {
+        let t0 = Instant::now();
+        let mut s = state_with(&[1, 2]);
+        let mut e = RouteEngine::new(EngineConfig::default());
+        e.became_leader(t0);
+        e.on_report(RelayId(1), &[report(2, 100.0)], t0);
+        let u = e.link_updates(&s, t0);
+        assert_eq!(u.len(), 1, "new link");
+        let plan = RouteEngine::plan(&s, u, false).unwrap();
+        s.apply(&plan.command).unwrap();
+        // A few percent of RTT noise: nothing to replicate.
+        e.on_report(RelayId(1), &[report(2, 104.0)], t0 + Duration::from_secs(1));
+        assert!(e.link_updates(&s, t0 + Duration::from_secs(1)).is_empty());
+        // 30 % more: replicate.
+        e.on_report(RelayId(1), &[report(2, 130.0)], t0 + Duration::from_secs(2));
+        assert_eq!(e.link_updates(&s, t0 + Duration::from_secs(2)).len(), 1);
+        // Loss crossing the poor bar replicates even if small in absolute terms.
+        let lossy = Metrics {
+            rtt_ms: 100.0,
+            jitter_ms: 0.0,
+            loss: 0.013,
+        };
+        assert!(meaningful_change(
+            &Metrics::rtt(100.0),
+            &lossy,
+            &PoorThresholds::default()
+        ));
+        // Silence: the link goes stale and is removed.
+        let later = t0 + Duration::from_secs(30);
+        let u = e.link_updates(&s, later);
+        assert_eq!(
+            u,
+            vec![LinkUpdate {
+                from: RelayId(1),
+                to: RelayId(2),
+                metrics: None
+            }]
+        );
+    }
+
+    #[test]
+    fn leases_expire_and_recover_with_grace_after_failover() {
+        let t0 = Instant::now();
+        let s = state_with(&[1, 2]);
+        let mut e = RouteEngine::new(EngineConfig::default());
+        e.became_leader(t0);
+        assert!(
+            e.liveness(&s, t0 + Duration::from_secs(5)).is_empty(),
+            "grace"
+        );
+        e.on_heartbeat(RelayId(1), t0 + Duration::from_secs(8));
+        let cmds = e.liveness(&s, t0 + Duration::from_secs(12));
+        assert_eq!(
+            cmds,
+            vec![Command::SetAlive {
+                id: RelayId(2),
+                alive: false
+            }]
+        );
+    }
+
+    #[test]
+    fn plans_route_epochs_with_primary_diffs() {
+        let t0 = Instant::now();
+        let mut s = state_with(&[1, 2, 3]);
+        let mut e = RouteEngine::new(EngineConfig::default());
+        e.became_leader(t0);
+        e.on_report(RelayId(1), &[report(2, 50.0), report(3, 200.0)], t0);
+        e.on_report(RelayId(2), &[report(1, 50.0), report(3, 50.0)], t0);
+        e.on_report(RelayId(3), &[report(1, 200.0), report(2, 50.0)], t0);
+        let plan = RouteEngine::plan(&s, e.link_updates(&s, t0), false).unwrap();
+        assert_eq!(plan.link_changes, 6);
+        s.apply(&plan.command).unwrap();
+        assert_eq!(s.epoch, 1);
+        assert_eq!(
+            s.primaries[&(RelayId(1), RelayId(3))],
+            vec![RelayId(1), RelayId(2), RelayId(3)]
+        );
+        // Nothing changed: no epoch.
+        assert!(RouteEngine::plan(&s, vec![], false).is_none());
+        assert!(
+            RouteEngine::plan(&s, vec![], true).is_some(),
+            "forced by a relay change"
+        );
+    }
+}
