@@ -44,6 +44,9 @@ pub enum ConfigError {
     Tls(#[from] relay_net::tls::TlsError),
 }
 
+/// Raft's logical clock ticks every 10 ms.
+const TICK_MS: u64 = 10;
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
@@ -250,8 +253,17 @@ impl CpConfig {
             ));
         }
         let mut node = NodeConfig::new(f.node.id);
-        node.heartbeat_ticks = 1;
-        node.election_ticks = (f.raft.election_ms / f.raft.heartbeat_ms) as usize;
+        // A 10 ms tick: timeouts are counted finely enough that a follower
+        // whose timer fires just after another's does not still think the
+        // dead leader's lease is valid (which would refuse its pre-vote
+        // and cost a whole extra election timeout).
+        node.heartbeat_ticks = (f.raft.heartbeat_ms / TICK_MS).max(1) as usize;
+        node.election_ticks = (f.raft.election_ms / TICK_MS) as usize;
+        // Randomised timeouts in [1, 1.25) x the election timeout: 25 slots
+        // of 10 ms for a 1 s timeout, wide enough that three or five nodes
+        // rarely fire within one round trip of each other (a split vote),
+        // narrow enough that a dead leader is replaced promptly.
+        node.election_jitter_ticks = (node.election_ticks / 4).max(2);
         node.snapshot_every = f.raft.snapshot_every.max(10);
         let mut members = Vec::new();
         for (i, m) in f.cluster.members.iter().enumerate() {
@@ -312,7 +324,7 @@ impl CpConfig {
         }
         Ok(CpConfig {
             node,
-            tick: Duration::from_millis(f.raft.heartbeat_ms),
+            tick: Duration::from_millis(TICK_MS),
             listen,
             http_listen,
             data_dir: resolve(base, &f.node.data_dir),

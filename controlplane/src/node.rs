@@ -21,8 +21,11 @@ pub struct NodeConfig {
     pub id: u64,
     /// Ticks between leader heartbeats.
     pub heartbeat_ticks: usize,
-    /// Ticks without a leader before an election (randomised up to 2x).
+    /// Ticks without a leader before an election.
     pub election_ticks: usize,
+    /// Elections start after `election_ticks` plus a random number of
+    /// ticks below this (so nodes rarely start at the same time).
+    pub election_jitter_ticks: usize,
     /// Entries applied between snapshots (log compaction).
     pub snapshot_every: u64,
     /// Entries kept before a snapshot for slow followers.
@@ -30,13 +33,15 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Defaults for node `id`: with a 100 ms tick, heartbeats every 100 ms
-    /// and elections after 1 s (etcd's defaults).
+    /// Defaults for node `id`, in ticks: with a 100 ms tick, heartbeats
+    /// every 100 ms and elections after 1 s (etcd's defaults). The server
+    /// uses a 10 ms tick and scales these from its config.
     pub fn new(id: u64) -> Self {
         Self {
             id,
             heartbeat_ticks: 1,
             election_ticks: 10,
+            election_jitter_ticks: 10,
             snapshot_every: 5000,
             keep_tail: 500,
         }
@@ -168,6 +173,8 @@ impl RaftNode {
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
+            min_election_tick: config.election_ticks,
+            max_election_tick: config.election_ticks + config.election_jitter_ticks.max(1),
             heartbeat_tick: config.heartbeat_ticks,
             applied,
             max_size_per_msg: 1024 * 1024,

@@ -162,7 +162,9 @@ pub async fn start(config: CpConfig) -> anyhow::Result<CpHandle> {
     let server = config
         .tls
         .quic_server(&[RAFT_ALPN, API_ALPN, RELAY_ALPN], transport_cfg.clone())?;
-    let endpoint = quinn::Endpoint::server(server, config.listen)
+    let endpoint = config
+        .tls
+        .quic_endpoint(server, config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let client = config.tls.quic_node_client(RAFT_ALPN, transport_cfg)?;
     let mut transport = Transport::new(
@@ -296,7 +298,7 @@ impl Core {
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.ticks += 1;
-                    if self.ticks.is_multiple_of(10) {
+                    if self.ticks.is_multiple_of(100) {
                         self.register_sessions();
                     }
                     self.leader_duties();

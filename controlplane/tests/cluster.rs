@@ -100,6 +100,18 @@ impl Cluster {
         }
     }
 
+    /// Runs until some node leads (elections are randomised by raft-rs).
+    fn elect(&mut self) -> u64 {
+        for _ in 0..300 {
+            self.run(1);
+            if let Some(l) = self.leader() {
+                self.run(3);
+                return self.leader().unwrap_or(l);
+            }
+        }
+        panic!("no leader elected in 300 ticks");
+    }
+
     fn leader(&self) -> Option<u64> {
         self.nodes.values().find(|n| n.is_leader()).map(|n| n.id())
     }
@@ -153,8 +165,7 @@ impl Cluster {
 #[test]
 fn elects_a_leader_and_replicates_writes_sent_to_any_node() {
     let mut c = Cluster::new(3, 1, 1000);
-    c.run(30);
-    let leader = c.leader().expect("a leader");
+    let leader = c.elect();
     let follower = (1..=3).find(|&i| i != leader).unwrap();
     let t1 = c.put(leader, "a").unwrap();
     let t2 = c.put(follower, "b").unwrap(); // forwarded to the leader
@@ -170,8 +181,7 @@ fn elects_a_leader_and_replicates_writes_sent_to_any_node() {
 fn isolated_leader_cannot_commit_and_majority_moves_on() {
     for seed in 0..5 {
         let mut c = Cluster::new(3, seed, 1000);
-        c.run(30);
-        let old = c.leader().unwrap();
+        let old = c.elect();
         c.isolate(old);
         let stale = c.put(old, "lost").unwrap();
         c.run(40);
@@ -234,8 +244,7 @@ fn lossy_network_still_converges() {
 #[test]
 fn lagging_node_catches_up_from_a_snapshot() {
     let mut c = Cluster::new(3, 3, 20);
-    c.run(30);
-    let leader = c.leader().unwrap();
+    let leader = c.elect();
     let lagging = (1..=3).find(|&i| i != leader).unwrap();
     c.isolate(lagging);
     for i in 0..100 {
@@ -253,8 +262,7 @@ fn lagging_node_catches_up_from_a_snapshot() {
 #[test]
 fn restart_restores_applied_state_from_sled() {
     let mut c = Cluster::new(3, 4, 10);
-    c.run(30);
-    let leader = c.leader().unwrap();
+    let leader = c.elect();
     for i in 0..35 {
         c.put(leader, &format!("k{i}")).unwrap();
         c.run(1);
@@ -274,8 +282,7 @@ fn restart_restores_applied_state_from_sled() {
 #[test]
 fn members_join_and_leave_through_conf_changes() {
     let mut c = Cluster::new(3, 5, 20);
-    c.run(30);
-    let leader = c.leader().unwrap();
+    let leader = c.elect();
     for i in 0..30 {
         c.put(leader, &format!("k{i}")).unwrap();
         c.run(1);
@@ -318,8 +325,7 @@ fn members_join_and_leave_through_conf_changes() {
 #[test]
 fn read_index_is_served_after_apply() {
     let mut c = Cluster::new(3, 6, 1000);
-    c.run(30);
-    let leader = c.leader().unwrap();
+    let leader = c.elect();
     let follower = (1..=3).find(|&i| i != leader).unwrap();
     c.put(leader, "x").unwrap();
     c.nodes.get_mut(&follower).unwrap().read_index(99);

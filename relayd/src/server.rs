@@ -221,7 +221,9 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .tls
         .quic_server(&[CLIENT_ALPN, PEER_ALPN], transport.clone())
         .context("TLS server config")?;
-    let mut endpoint = quinn::Endpoint::server(server, config.listen)
+    let mut endpoint = config
+        .tls
+        .quic_endpoint(server, config.listen)
         .with_context(|| format!("binding QUIC endpoint on {}", config.listen))?;
     let peer_client = config
         .tls

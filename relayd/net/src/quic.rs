@@ -93,7 +93,9 @@ pub fn media_transport() -> quinn::TransportConfig {
 /// congestion control.
 pub fn control_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_millis(500)));
-    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s fits")));
+    t.keep_alive_interval(Some(Duration::from_millis(300)));
+    t.max_idle_timeout(Some(
+        Duration::from_millis(2500).try_into().expect("2.5 s fits"),
+    ));
     t
 }
