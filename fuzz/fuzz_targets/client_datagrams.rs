@@ -1,7 +1,7 @@
-//! Publish and delivery datagrams.
+//! Publish, delivery and probe datagrams.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use relay_core::wire::client::{Delivery, Publish};
+use relay_core::wire::client::{ClientProbe, Delivery, Publish};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = Publish::decode(data) {
@@ -9,5 +9,17 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(d) = Delivery::decode(data) {
         assert_eq!(&Delivery::encode(d.channel, d.source, d.payload)[..], data);
+    }
+    if let Ok(p) = ClientProbe::decode(data) {
+        // Only probes are echoed, and an echo keeps the probe's length and
+        // sequence number.
+        match ClientProbe::echo_of(data) {
+            Some(e) => {
+                assert!(!p.echo);
+                assert_eq!(e.len(), data.len());
+                assert_eq!(ClientProbe::decode(&e).unwrap().seq, p.seq);
+            }
+            None => assert!(p.echo),
+        }
     }
 });

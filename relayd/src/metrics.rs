@@ -15,6 +15,7 @@ pub struct RelayMetrics {
     forwarded_relay_bytes: Counter,
     received_packets: Counter,
     received_bytes: Counter,
+    client_probes: Counter,
     rerouted_packets: Counter,
     messages: Counter,
     drops: Vec<(DropReason, Counter)>,
@@ -54,6 +55,7 @@ impl RelayMetrics {
             forwarded_relay_bytes: counter!("relayd_forwarded_bytes_total", "to" => "relay"),
             received_packets: counter!("relayd_client_received_packets_total"),
             received_bytes: counter!("relayd_client_received_bytes_total"),
+            client_probes: counter!("relayd_client_probes_total"),
             rerouted_packets: counter!("relayd_rerouted_packets_total"),
             messages: counter!("relayd_messages_delivered_total"),
             drops: DropReason::ALL
@@ -91,6 +93,7 @@ impl RelayMetrics {
         self.forwarded_relay_bytes.absolute(s.relayed_bytes);
         self.received_packets.absolute(s.client_packets_in);
         self.received_bytes.absolute(s.client_bytes_in);
+        self.client_probes.absolute(s.client_probes);
         self.rerouted_packets.absolute(s.rerouted_packets);
         self.messages.absolute(s.messages_delivered);
         for (r, c) in &self.drops {

@@ -42,6 +42,7 @@
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 pub mod cost;
+pub mod geo;
 pub mod graph;
 pub mod metrics;
 pub mod routing;

@@ -21,7 +21,8 @@ use crate::links::{LinkConfig, LinkReport, PeerLink};
 use crate::stats::{AuthFailure, DropReason, Stats};
 use crate::token::{Claims, TokenError};
 use crate::wire::client::{
-    Alternative, ClientToRelay, CloseCode, Delivery, ErrorCode, Publish, RelayToClient, Role,
+    Alternative, ClientProbe, ClientToRelay, CloseCode, Delivery, ErrorCode, PUBLISH_HEADER_LEN,
+    Publish, RelayToClient, Role,
 };
 use crate::wire::peer::{MediaHeader, PeerDatagram, PeerFrame};
 use crate::wire::route::RouteTree;
@@ -471,6 +472,19 @@ impl Relay {
 
     /// A datagram arrived from a client.
     pub fn handle_client_datagram(&mut self, client: ClientId, datagram: &[u8], now: Instant) {
+        if let Some(echo) = ClientProbe::echo_of(datagram) {
+            // Probes are answered before joining: clients choose a relay
+            // with them. Bounded by the media size so they amplify nothing.
+            if datagram.len() > PUBLISH_HEADER_LEN + self.config.max_payload as usize {
+                return self.stats.drop(DropReason::TooLarge);
+            }
+            self.stats.client_probes += 1;
+            self.actions.push_back(Action::ClientDatagram {
+                client,
+                datagram: echo,
+            });
+            return;
+        }
         self.stats.client_packets_in += 1;
         self.stats.client_bytes_in += datagram.len() as u64;
         let p = match Publish::decode(datagram) {

@@ -102,6 +102,8 @@ pub struct Stats {
     pub client_packets_in: u64,
     /// Their bytes.
     pub client_bytes_in: u64,
+    /// Probe datagrams from clients, echoed.
+    pub client_probes: u64,
     /// Media datagrams sent to local clients.
     pub delivered_packets: u64,
     /// Their bytes.

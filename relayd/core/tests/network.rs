@@ -451,3 +451,19 @@ fn welcome_carries_the_observed_address() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn probes_are_echoed_before_joining_and_bounded_by_the_media_size() {
+    let mut net = line(1);
+    let a = net.client(1);
+    net.probe(a, 7, 0);
+    net.probe(a, 8, 1100);
+    assert_eq!(net.inbox[&a].probe_echoes, vec![7, 8]);
+    // Larger than a publish datagram may be: dropped, not echoed.
+    net.probe(a, 9, 1101);
+    assert_eq!(net.inbox[&a].probe_echoes, vec![7, 8]);
+    assert_eq!(net.relay(1).stats().drops(DropReason::TooLarge), 1);
+    assert_eq!(net.relay(1).stats().client_probes, 2);
+    // Probes are not media.
+    assert_eq!(net.relay(1).stats().client_packets_in, 0);
+}

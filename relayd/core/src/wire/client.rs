@@ -39,6 +39,8 @@ mod ty {
 
     pub(super) const PUBLISH: u8 = 0x10;
     pub(super) const DELIVERY: u8 = 0x11;
+    pub(super) const PROBE: u8 = 0x12;
+    pub(super) const PROBE_ECHO: u8 = 0x13;
 }
 
 /// What a member of a channel may do.
@@ -553,10 +555,90 @@ impl<'a> Delivery<'a> {
     }
 }
 
+/// A probe datagram (client to relay) and its echo (relay to client).
+///
+/// Clients measure RTT, loss and jitter to a relay with these, before they
+/// join anything (to choose a relay) and while connected (to notice when it
+/// degrades or dies). The relay echoes the datagram unchanged except for
+/// the type byte, so a client may pad probes to the size of its media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientProbe {
+    /// The client's sequence number, echoed back.
+    pub seq: u64,
+    /// True for the relay's echo.
+    pub echo: bool,
+}
+
+impl ClientProbe {
+    /// Bytes of an unpadded probe: version, type, sequence number.
+    pub const LEN: usize = 10;
+
+    /// Encodes a probe with `padding` zero bytes after the header.
+    pub fn encode(seq: u64, padding: usize) -> Bytes {
+        let mut b = BytesMut::with_capacity(Self::LEN + padding);
+        b.put_u8(VERSION);
+        b.put_u8(ty::PROBE);
+        b.put_u64(seq);
+        b.put_bytes(0, padding);
+        b.freeze()
+    }
+
+    /// Decodes a probe or an echo (padding ignored).
+    pub fn decode(d: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(d);
+        let echo = match header(&mut r)? {
+            ty::PROBE => false,
+            ty::PROBE_ECHO => true,
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        Ok(ClientProbe {
+            seq: r.u64()?,
+            echo,
+        })
+    }
+
+    /// The echo of `d` if it is a well-formed probe.
+    pub fn echo_of(d: &[u8]) -> Option<Bytes> {
+        if d.len() < Self::LEN || d[0] != VERSION || d[1] != ty::PROBE {
+            return None;
+        }
+        let mut b = BytesMut::from(d);
+        b[1] = ty::PROBE_ECHO;
+        Some(b.freeze())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn probes_echo_with_their_sequence_and_padding() {
+        let p = ClientProbe::encode(42, 100);
+        assert_eq!(p.len(), ClientProbe::LEN + 100);
+        assert_eq!(
+            ClientProbe::decode(&p).unwrap(),
+            ClientProbe {
+                seq: 42,
+                echo: false
+            }
+        );
+        let e = ClientProbe::echo_of(&p).unwrap();
+        assert_eq!(e.len(), p.len());
+        assert_eq!(
+            ClientProbe::decode(&e).unwrap(),
+            ClientProbe {
+                seq: 42,
+                echo: true
+            }
+        );
+        // Echoes, publishes and short probes are not echoed.
+        assert!(ClientProbe::echo_of(&e).is_none());
+        assert!(ClientProbe::echo_of(&p[..5]).is_none());
+        assert!(ClientProbe::echo_of(&Publish::encode(ChannelId(1), b"x")).is_none());
+        assert!(ClientProbe::decode(&p[..5]).is_err());
+    }
 
     fn roundtrip_c2r(f: ClientToRelay) {
         let mut b = BytesMut::new();

@@ -11,7 +11,9 @@ use bytes::{Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use relay_core::token::Claims;
-use relay_core::wire::client::{ClientToRelay, CloseCode, Delivery, Publish, RelayToClient, Role};
+use relay_core::wire::client::{
+    ClientProbe, ClientToRelay, CloseCode, Delivery, Publish, RelayToClient, Role,
+};
 use relay_core::{Action, ChannelId, ClientId, Relay, RelayConfig, RelayId};
 use topology::{Metrics, Route, RouteEntry, RouteTable};
 
@@ -40,6 +42,7 @@ enum Event {
 pub struct Inbox {
     pub frames: Vec<RelayToClient>,
     pub media: Vec<(ChannelId, Vec<u8>)>,
+    pub probe_echoes: Vec<u64>,
     pub closed: Option<(CloseCode, String)>,
 }
 
@@ -218,6 +221,18 @@ impl Net {
         self.drain(relay);
     }
 
+    /// Sends a probe datagram with `padding` bytes after its header.
+    pub fn probe(&mut self, client: ClientId, seq: u64, padding: usize) {
+        let relay = self.clients[&client];
+        let d = ClientProbe::encode(seq, padding);
+        let now = self.now;
+        self.relays
+            .get_mut(&relay)
+            .unwrap()
+            .handle_client_datagram(client, &d, now);
+        self.drain(relay);
+    }
+
     pub fn disconnect_client(&mut self, client: ClientId) {
         let relay = self.clients[&client];
         self.relays
@@ -281,6 +296,15 @@ impl Net {
                     self.inbox.get_mut(&client).unwrap().frames.push(f);
                 }
                 Action::ClientDatagram { client, datagram } => {
+                    if let Ok(p) = ClientProbe::decode(&datagram) {
+                        assert!(p.echo, "relays send echoes, not probes");
+                        self.inbox
+                            .get_mut(&client)
+                            .unwrap()
+                            .probe_echoes
+                            .push(p.seq);
+                        continue;
+                    }
                     let d = Delivery::decode(&datagram).expect("relays send valid datagrams");
                     self.inbox
                         .get_mut(&client)
