@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, VarInt};
 use relay_core::wire::client::{
-    CLIENT_ALPN, ClientToRelay, CloseCode, Delivery, MAX_FRAME_LEN, Publish, RelayToClient, Role,
+    CLIENT_ALPN, ClientProbe, ClientToRelay, CloseCode, Delivery, MAX_FRAME_LEN, Publish,
+    RelayToClient, Role,
 };
 use relay_core::{ChannelId, RelayId, SourceId};
 use relay_net::framing::{read_frame, spawn_writer};
@@ -105,6 +106,75 @@ pub struct Media {
     pub source: SourceId,
     /// The payload.
     pub payload: Bytes,
+}
+
+/// A datagram from a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Media on a joined channel.
+    Media(Media),
+    /// The echo of our probe with this sequence number.
+    ProbeEcho(u64),
+}
+
+impl Incoming {
+    /// Decodes a datagram; `None` for unknown types, skipped for forward
+    /// compatibility.
+    fn decode(d: Bytes) -> Option<Incoming> {
+        if let Ok(m) = Delivery::decode(&d) {
+            let offset = d.len() - m.payload.len();
+            return Some(Incoming::Media(Media {
+                channel: m.channel,
+                source: m.source,
+                payload: d.slice(offset..),
+            }));
+        }
+        match ClientProbe::decode(&d) {
+            Ok(p) if p.echo => Some(Incoming::ProbeEcho(p.seq)),
+            _ => None,
+        }
+    }
+}
+
+/// Publishes media on a session from any task (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct MediaSender {
+    conn: quinn::Connection,
+    max_payload: usize,
+}
+
+impl MediaSender {
+    /// Publishes a media payload on a joined channel as a datagram.
+    pub fn publish(&self, channel: ChannelId, payload: &[u8]) -> Result<(), SessionError> {
+        if payload.len() > self.max_payload {
+            return Err(SessionError::TooLarge {
+                len: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        self.conn
+            .send_datagram(Publish::encode(channel, payload))
+            .map_err(|e| match e {
+                quinn::SendDatagramError::ConnectionLost(c) => SessionError::from(c),
+                other => SessionError::Protocol(other.to_string()),
+            })
+    }
+}
+
+/// Reads a session's datagrams from another task.
+#[derive(Debug, Clone)]
+pub struct Datagrams(quinn::Connection);
+
+impl Datagrams {
+    /// The next datagram from the relay.
+    pub async fn recv(&self) -> Result<Incoming, SessionError> {
+        loop {
+            let d = self.0.read_datagram().await?;
+            if let Some(i) = Incoming::decode(d) {
+                return Ok(i);
+            }
+        }
+    }
 }
 
 /// A connection to one relay.
@@ -250,31 +320,63 @@ impl Session {
 
     /// Joins a channel with a token for it and waits for the relay's answer.
     pub async fn join(&mut self, channel: &str, token: &str) -> Result<Joined, SessionError> {
-        self.send(ClientToRelay::Join {
-            token: token.to_owned(),
-            channel: channel.to_owned(),
-        })
-        .await?;
-        loop {
+        let mut joined = self
+            .join_many(&[(channel.to_owned(), token.to_owned())])
+            .await
+            .map_err(|(_, e)| e)?;
+        Ok(joined.remove(0))
+    }
+
+    /// Joins several channels at once (one round trip, not one each), as
+    /// after moving to another relay. On failure also returns the joins
+    /// that succeeded: a relay refuses a bad token by closing the
+    /// connection, so the first channel not joined is the refused one.
+    pub async fn join_many(
+        &mut self,
+        channels: &[(String, String)],
+    ) -> Result<Vec<Joined>, (Vec<Joined>, SessionError)> {
+        for (channel, token) in channels {
+            let frame = ClientToRelay::Join {
+                token: token.clone(),
+                channel: channel.clone(),
+            };
+            if let Err(e) = self.send(frame).await {
+                return Err((Vec::new(), e));
+            }
+        }
+        let mut joined: Vec<Option<Joined>> = vec![None; channels.len()];
+        while joined.iter().any(Option::is_none) {
             match self.frames.recv().await {
                 Some(Ok(RelayToClient::Joined {
                     channel: id,
                     name,
                     role,
                     source,
-                })) if name == channel => {
-                    return Ok(Joined {
+                })) => match channels.iter().position(|(n, _)| *n == name) {
+                    Some(i) => {
+                        joined[i] = Some(Joined {
+                            channel: id,
+                            name,
+                            role,
+                            source,
+                        })
+                    }
+                    None => self.pending.push_back(RelayToClient::Joined {
                         channel: id,
                         name,
                         role,
                         source,
-                    });
-                }
+                    }),
+                },
                 Some(Ok(other)) => self.pending.push_back(other),
-                Some(Err(e)) => return Err(e),
-                None => return Err(self.closed_error()),
+                Some(Err(e)) => return Err((joined.into_iter().map_while(|j| j).collect(), e)),
+                None => {
+                    let e = self.closed_error();
+                    return Err((joined.into_iter().map_while(|j| j).collect(), e));
+                }
             }
         }
+        Ok(joined.into_iter().flatten().collect())
     }
 
     /// Leaves a channel.
@@ -295,38 +397,50 @@ impl Session {
     /// Publishes a media payload on a joined channel as a datagram
     /// (unreliable, unordered).
     pub fn publish(&self, channel: ChannelId, payload: &[u8]) -> Result<(), SessionError> {
-        let max = self.welcome.max_payload as usize;
-        if payload.len() > max {
-            return Err(SessionError::TooLarge {
-                len: payload.len(),
-                max,
-            });
+        self.media_sender().publish(channel, payload)
+    }
+
+    /// A handle that publishes on this session from any task.
+    pub fn media_sender(&self) -> MediaSender {
+        MediaSender {
+            conn: self.conn.clone(),
+            max_payload: self.welcome.max_payload as usize,
         }
+    }
+
+    /// Sends a probe datagram (answered by an echo datagram, see
+    /// [`Session::recv_datagram`]), padded by `padding` zero bytes.
+    pub fn send_probe(&self, seq: u64, padding: usize) -> Result<(), SessionError> {
         self.conn
-            .send_datagram(Publish::encode(channel, payload))
+            .send_datagram(ClientProbe::encode(seq, padding))
             .map_err(|e| match e {
                 quinn::SendDatagramError::ConnectionLost(c) => SessionError::from(c),
                 other => SessionError::Protocol(other.to_string()),
             })
     }
 
-    /// The next media datagram.
-    pub async fn recv_media(&self) -> Result<Media, SessionError> {
+    /// The next datagram from the relay: media or a probe echo.
+    pub async fn recv_datagram(&self) -> Result<Incoming, SessionError> {
         loop {
             let d = self.conn.read_datagram().await?;
-            match Delivery::decode(&d) {
-                Ok(m) => {
-                    let offset = d.len() - m.payload.len();
-                    return Ok(Media {
-                        channel: m.channel,
-                        source: m.source,
-                        payload: d.slice(offset..),
-                    });
-                }
-                // Unknown datagram types are skipped for forward compatibility.
-                Err(_) => continue,
+            if let Some(i) = Incoming::decode(d) {
+                return Ok(i);
             }
         }
+    }
+
+    /// The next media datagram (probe echoes are skipped).
+    pub async fn recv_media(&self) -> Result<Media, SessionError> {
+        loop {
+            if let Incoming::Media(m) = self.recv_datagram().await? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// A handle to the connection for tasks that only read datagrams.
+    pub fn datagrams(&self) -> Datagrams {
+        Datagrams(self.conn.clone())
     }
 
     /// The next frame from the relay (messages, drain notices, errors).

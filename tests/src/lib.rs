@@ -615,3 +615,65 @@ pub async fn cp_status(
         _ => None,
     }
 }
+
+/// A real DNS server (hickory-server) on a loopback UDP port, serving one
+/// zone from a zone file.
+#[allow(missing_debug_implementations)]
+pub struct DnsServer {
+    /// Where it answers.
+    pub addr: SocketAddr,
+    server: hickory_server::Server<hickory_server::zone_handler::Catalog>,
+}
+
+impl DnsServer {
+    /// Serves `records` (zone-file lines relative to `origin`, e.g.
+    /// `relays.internal.`) with a generated SOA. The zone file goes to `dir`.
+    pub async fn start(dir: &Path, origin: &str, records: &str) -> DnsServer {
+        use hickory_server::proto::rr::{LowerName, Name};
+        use hickory_server::store::file::{FileConfig, FileZoneHandler};
+        use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+        use std::str::FromStr;
+
+        let zone_path = dir.join("zone.db");
+        let text = format!(
+            "$ORIGIN {origin}\n$TTL 60\n@ IN SOA ns.{origin} hostmaster.{origin} 1 3600 600 86400 60\n{records}\n"
+        );
+        std::fs::write(&zone_path, text).unwrap();
+        let name = Name::from_str(origin).unwrap();
+        let handler = FileZoneHandler::try_from_config(
+            name.clone(),
+            ZoneType::Primary,
+            AxfrPolicy::Deny,
+            None,
+            &FileConfig { zone_path },
+        )
+        .expect("zone loads");
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::new(&name), vec![Arc::new(handler)]);
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut server = hickory_server::Server::new(catalog);
+        server.register_socket(socket);
+        DnsServer { addr, server }
+    }
+
+    /// Stops answering (the port closes).
+    pub async fn stop(mut self) {
+        let _ = self.server.shutdown_gracefully().await;
+    }
+}
+
+/// Writes a GeoIP City database mapping each network to `(lat, lon,
+/// country)`, in the GeoLite2 layout.
+pub fn write_geoip(path: &Path, entries: &[(&str, f64, f64, &str)]) {
+    let mut w = mmdb_writer::Writer::new("GeoLite2-City");
+    for (net, lat, lon, country) in entries {
+        let record = serde_json::json!({
+            "country": {"iso_code": country},
+            "location": {"latitude": lat, "longitude": lon},
+        });
+        w.insert(net.parse::<ipnet::IpNet>().unwrap(), &record)
+            .unwrap();
+    }
+    std::fs::write(path, w.to_bytes().unwrap()).unwrap();
+}
