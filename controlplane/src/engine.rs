@@ -76,6 +76,16 @@ pub struct RouteEngine {
     leader_since: Option<Instant>,
 }
 
+/// An epoch the leader decided to compute: plan it with
+/// [`RouteEngine::plan`] off the consensus task.
+#[derive(Debug, Clone)]
+pub struct EpochStart {
+    /// Link changes to carry.
+    pub links: Vec<LinkUpdate>,
+    /// Compute even if no primary moves (relays or policy changed).
+    pub force: bool,
+}
+
 /// A route epoch ready to propose.
 #[derive(Debug, Clone)]
 pub struct EpochPlan {
@@ -209,7 +219,9 @@ impl RouteEngine {
                 None => next.links.remove(&(u.from, u.to)),
             };
         }
-        let routes = RouteSet::compute(
+        // Primaries only: backups are computed by every node from the
+        // replicated primaries once the epoch is applied.
+        let routes = RouteSet::primaries(
             &next.graph(),
             &next.policy.routing,
             Some(&state.primary_set()),
@@ -228,6 +240,32 @@ impl RouteEngine {
                 basis: state.basis,
             },
         })
+    }
+
+    /// The leader's periodic decision, shared by the server and the
+    /// simulator: liveness changes to propose, and whether to start a
+    /// route epoch now (with the link updates it carries and whether it
+    /// must be computed even if no link changed). `routed_basis` is the
+    /// basis of the last applied epoch. Starting an epoch marks it in
+    /// flight until [`RouteEngine::epoch_finished`].
+    pub fn tick(
+        &mut self,
+        state: &ClusterState,
+        routed_basis: Option<u64>,
+        now: Instant,
+    ) -> (Vec<Command>, Option<EpochStart>) {
+        let liveness = self.liveness(state, now);
+        if !self.due(now) {
+            return (liveness, None);
+        }
+        let links = self.link_updates(state, now);
+        let first = state.epoch == 0 && !state.relays.is_empty();
+        let force = state.epoch > 0 && routed_basis != Some(state.basis);
+        if links.is_empty() && !first && !force {
+            return (liveness, None);
+        }
+        self.epoch_started(now);
+        (liveness, Some(EpochStart { links, force }))
     }
 
     /// An epoch computation started.

@@ -518,22 +518,17 @@ impl Core {
         if !leader {
             return;
         }
-        for cmd in self.engine.liveness(self.node.state(), now) {
+        let (liveness, epoch) = self
+            .engine
+            .tick(self.node.state(), self.routed_basis(), now);
+        for cmd in liveness {
             self.propose(&cmd, Waiter::Fire);
         }
-        if self.engine.due(now) {
-            let state = self.node.state();
-            let links = self.engine.link_updates(state, now);
-            let first = state.epoch == 0 && !state.relays.is_empty();
-            let basis_moved = state.epoch > 0 && self.routed_basis() != Some(state.basis);
-            if links.is_empty() && !first && !basis_moved {
-                return;
-            }
-            self.engine.epoch_started(now);
-            let state: ClusterState = state.clone();
+        if let Some(start) = epoch {
+            let state: ClusterState = self.node.state().clone();
             let inputs = self.inputs.clone();
             tokio::task::spawn_blocking(move || {
-                let plan = RouteEngine::plan(&state, links, basis_moved);
+                let plan = RouteEngine::plan(&state, start.links, start.force);
                 let _ = inputs.blocking_send(Input::EpochPlanned(plan, now));
             });
         }

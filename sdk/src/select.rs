@@ -237,6 +237,8 @@ impl Probed {
                 probe_timeout: Duration::from_secs(1),
                 loss_window: config.loss_window,
                 max_outstanding: 128,
+                // A handful of probes: report the plain fraction lost.
+                loss_min_samples: 0,
                 ..LinkMetricsConfig::default()
             }),
             next_seq: 0,

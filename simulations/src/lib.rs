@@ -5,10 +5,15 @@
 //!   CSV, or a built-in fallback world.
 //! - [`report`]: the route-quality report, direct path against the best
 //!   overlay path for every pair.
-//!
-//! The simulator proper (virtual time driving the relay and control-plane
-//! cores) is added by the simulations issue.
+//! - [`scenario`]: scenario files (TOML): world, overlay, workload, events,
+//!   checks.
+//! - [`sim`]: the discrete-event simulator driving the relay and
+//!   control-plane cores in virtual time.
+//! - [`plots`]: SVG charts and the world map of a run.
 
 pub mod geo;
+pub mod plots;
 pub mod report;
+pub mod scenario;
+pub mod sim;
 pub mod world;

@@ -15,7 +15,7 @@ use topology::RouteTable;
 
 use crate::channels::{Channels, Member};
 use crate::dedup::{DedupWindows, Verdict};
-use crate::forwarding::{Forwarding, LinkState, LinkView};
+use crate::forwarding::{Chosen, Forwarding, LinkState, LinkView};
 use crate::ids::{ChannelId, ClientId, RelayId, SourceId};
 use crate::links::{LinkConfig, LinkReport, PeerLink};
 use crate::stats::{AuthFailure, DropReason, Stats};
@@ -227,6 +227,23 @@ impl Relay {
             .collect();
         v.sort_by_key(|r| r.peer);
         v
+    }
+
+    /// The path a packet to `destination` would take from here at `now`:
+    /// the primary, or the backup when fast reroute applies. For reports
+    /// and the simulator; forwarding itself caches per channel.
+    pub fn path_to(&self, destination: RelayId, now: Instant) -> Option<Chosen> {
+        let view = Links {
+            links: &self.links,
+            config: &self.config.link,
+            now,
+        };
+        self.forwarding.path_to(destination, &view)
+    }
+
+    /// True when the link to `peer` is usable for forwarding.
+    pub fn link_usable(&self, peer: RelayId) -> bool {
+        self.links.get(&peer).is_some_and(PeerLink::is_usable)
     }
 
     /// The next change of a link's usability for forwarding
@@ -788,6 +805,11 @@ impl Relay {
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut changed = false;
         for (&peer, link) in &mut self.links {
+            // Links change state on their own only at their timeouts (probe
+            // due, probe expired); echoes update them as they arrive.
+            if link.next_timeout().is_some_and(|t| t > now) {
+                continue;
+            }
             while let Some(probe) = link.poll_probe(now, &self.config.link) {
                 self.actions.push_back(Action::PeerDatagram {
                     peer,

@@ -31,6 +31,8 @@
 //! `O(n^2)` per source, so `O(n^3)` in all over tight arrays; see the
 //! `routes` benchmark.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -87,10 +89,44 @@ impl RouteSet {
     pub fn compute(graph: &Graph, config: &RoutingConfig, previous: Option<&RouteSet>) -> RouteSet {
         let mut dense = Dense::new(graph, &config.cost);
         let mut work = Workspace::new(dense.n);
+        // Every source's primaries first: backups use the neighbours'.
+        let all: Vec<Vec<Option<Path>>> = (0..dense.n)
+            .map(|s| {
+                let prev = previous.and_then(|p| p.table(dense.ids[s]));
+                dense.primaries_for(s, config, prev, &mut work)
+            })
+            .collect();
+        let tables = (0..dense.n)
+            .map(|s| dense.with_backups(s, all[s].clone(), &all, &mut work))
+            .collect();
+        RouteSet { tables }
+    }
+
+    /// Primary routes only (no backups), with the same hysteresis: what
+    /// the control plane needs to decide an epoch, at half the cost.
+    pub fn primaries(
+        graph: &Graph,
+        config: &RoutingConfig,
+        previous: Option<&RouteSet>,
+    ) -> RouteSet {
+        let mut dense = Dense::new(graph, &config.cost);
+        let mut work = Workspace::new(dense.n);
         let tables = (0..dense.n)
             .map(|s| {
                 let prev = previous.and_then(|p| p.table(dense.ids[s]));
-                dense.table_for(s, config, prev, &mut work)
+                let primaries = dense.primaries_for(s, config, prev, &mut work);
+                let entries = primaries
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(d, p)| {
+                        Some(RouteEntry {
+                            destination: dense.ids[d],
+                            primary: dense.to_route(p?),
+                            backup: None,
+                        })
+                    })
+                    .collect();
+                RouteTable::from_computed(dense.ids[s], entries)
             })
             .collect();
         RouteSet { tables }
@@ -103,11 +139,11 @@ impl RouteSet {
     pub fn with_backups(graph: &Graph, config: &RoutingConfig, primaries: &RouteSet) -> RouteSet {
         let mut dense = Dense::new(graph, &config.cost);
         let mut work = Workspace::new(dense.n);
+        let all: Vec<Vec<Option<Path>>> = (0..dense.n)
+            .map(|s| dense.fixed_primaries(s, primaries.table(dense.ids[s])))
+            .collect();
         let tables = (0..dense.n)
-            .map(|s| {
-                let fixed = dense.fixed_primaries(s, primaries.table(dense.ids[s]));
-                dense.with_backups(s, fixed, &mut work)
-            })
+            .map(|s| dense.with_backups(s, all[s].clone(), &all, &mut work))
             .collect();
         RouteSet { tables }
     }
@@ -224,6 +260,9 @@ struct Dense {
     /// Link metrics, compact so that more of the matrix stays in cache.
     metrics: Vec<CompactMetrics>,
     model: CostModel,
+    /// Out-links per relay `(to, cost)`, for the backup searches, which in
+    /// a sparse overlay are cheaper over lists than over the matrix.
+    adj: Vec<Vec<(u32, f32)>>,
 }
 
 /// [`Metrics`] of one link in single precision.
@@ -264,6 +303,11 @@ struct Workspace {
     saved: Vec<f32>,
     /// Destinations in the order backups are computed.
     visit: Vec<u32>,
+    /// Per source: shortest-path trees (parents) avoiding a primary's
+    /// transit relays (or, for a direct primary, its link), keyed by
+    /// `(transit relays, destination of a direct primary)`: destinations
+    /// behind the same transit relays share one tree.
+    avoid_trees: HashMap<(SmallVec<[u32; 4]>, u32), Vec<u32>>,
 }
 
 impl Workspace {
@@ -281,6 +325,7 @@ impl Workspace {
             on_primary: Vec::with_capacity(2 * n),
             saved: Vec::with_capacity(n),
             visit: Vec::with_capacity(n),
+            avoid_trees: HashMap::new(),
         }
     }
 }
@@ -369,6 +414,14 @@ impl Dense {
             }
             good
         });
+        let adj = (0..n)
+            .map(|u| {
+                (0..n)
+                    .filter(|&v| cost[u * n + v].is_finite())
+                    .map(|v| (v as u32, cost[u * n + v]))
+                    .collect()
+            })
+            .collect();
         Dense {
             n,
             ids,
@@ -377,6 +430,7 @@ impl Dense {
             good_cost,
             metrics,
             model: *model,
+            adj,
         }
     }
 
@@ -544,17 +598,6 @@ impl Dense {
         true
     }
 
-    fn table_for(
-        &mut self,
-        s: usize,
-        config: &RoutingConfig,
-        previous: Option<&RouteTable>,
-        work: &mut Workspace,
-    ) -> RouteTable {
-        let primaries = self.primaries_for(s, config, previous, work);
-        self.with_backups(s, primaries, work)
-    }
-
     /// The given table's primaries, re-evaluated on this graph; entries
     /// whose path is broken here are dropped.
     fn fixed_primaries(&self, s: usize, table: Option<&RouteTable>) -> Vec<Option<Path>> {
@@ -632,9 +675,11 @@ impl Dense {
         &mut self,
         s: usize,
         primaries: Vec<Option<Path>>,
+        all: &[Vec<Option<Path>>],
         work: &mut Workspace,
     ) -> RouteTable {
         work.on_primary.clear();
+        work.avoid_trees.clear();
         for (d, p) in primaries.iter().enumerate() {
             if let Some(p) = p {
                 work.on_primary
@@ -655,7 +700,7 @@ impl Dense {
         for i in 0..work.visit.len() {
             let d = work.visit[i] as usize;
             if let Some(primary) = &primaries[d] {
-                backups[d] = self.backup_for(s, d, primary, work);
+                backups[d] = self.backup_for(s, d, primary, all, work);
             }
         }
         let entries = primaries
@@ -712,7 +757,14 @@ impl Dense {
         }
     }
 
-    fn backup_for(&self, s: usize, d: usize, primary: &Path, work: &mut Workspace) -> Option<Path> {
+    fn backup_for(
+        &self,
+        s: usize,
+        d: usize,
+        primary: &Path,
+        all: &[Vec<Option<Path>>],
+        work: &mut Workspace,
+    ) -> Option<Path> {
         let mut best: Option<Path> = None;
         let mut consider = |p: Option<Path>| {
             if let Some(p) = p
@@ -756,8 +808,98 @@ impl Dense {
             .windows(2)
             .map(|w| (w[0] as usize, w[1] as usize))
             .collect();
-        self.path_avoiding(s, d, &transit, &links, &mut work.scratch)
-            .or_else(|| self.path_avoiding(s, d, &[], &links, &mut work.scratch))
+        // Loop-free alternates (IP fast reroute, RFC 5286): a neighbour off
+        // the primary whose own primary to `d` avoids this relay and the
+        // primary's relays and links. O(degree x path length) per pair.
+        let mut lfa: Option<Path> = None;
+        for &(v, _) in &self.adj[s] {
+            let Some(theirs) = all[v as usize][d].as_ref() else {
+                continue;
+            };
+            if v as usize == d
+                || !self.transit[v as usize]
+                || links.contains(&(s, v as usize))
+                || theirs.idx.contains(&(s as u32))
+                || theirs.idx[..theirs.idx.len() - 1]
+                    .iter()
+                    .any(|&m| transit.contains(&(m as usize)))
+                || theirs
+                    .idx
+                    .windows(2)
+                    .any(|w| links.contains(&(w[0] as usize, w[1] as usize)))
+            {
+                continue;
+            }
+            let mut idx: SmallVec<[u32; 6]> = SmallVec::with_capacity(theirs.idx.len() + 1);
+            idx.push(s as u32);
+            idx.extend_from_slice(&theirs.idx);
+            if let Some(p) = self.evaluate(idx)
+                && lfa.as_ref().is_none_or(|b| p.beats(b))
+            {
+                lfa = Some(p);
+            }
+        }
+        if lfa.is_some() {
+            return lfa;
+        }
+        // Avoiding every transit relay avoids every primary link (each
+        // touches one), so one tree per transit set answers for all the
+        // destinations behind it; a direct primary avoids its link only.
+        let key_d = if transit.is_empty() { d as u32 } else { NONE };
+        let key: SmallVec<[u32; 4]> = transit.iter().map(|&m| m as u32).collect();
+        let parent = work.avoid_trees.entry((key, key_d)).or_insert_with(|| {
+            let blocked_link = transit.is_empty().then_some((s, d));
+            self.sparse_tree(s, &transit, blocked_link)
+        });
+        if let Some(idx) = tree_path(parent, s, d)
+            && let Some(p) = self.evaluate(idx)
+        {
+            return Some(p);
+        }
+        self.path_avoiding(s, d, &[], &links, &mut work.scratch)
+    }
+
+    /// Shortest-path tree from `s` (parents) entering none of `blocked`
+    /// and not using `blocked_link`: Dijkstra over the adjacency lists.
+    fn sparse_tree(
+        &self,
+        s: usize,
+        blocked: &[usize],
+        blocked_link: Option<(usize, usize)>,
+    ) -> Vec<u32> {
+        let mut dist = vec![f32::INFINITY; self.n];
+        let mut parent = vec![NONE; self.n];
+        let mut done = vec![false; self.n];
+        for &b in blocked {
+            done[b] = true;
+        }
+        dist[s] = 0.0;
+        // Non-negative f32 costs order like their bit patterns.
+        let mut heap = std::collections::BinaryHeap::new();
+        heap.push(std::cmp::Reverse((0u32, s as u32)));
+        while let Some(std::cmp::Reverse((bits, u))) = heap.pop() {
+            let u = u as usize;
+            if done[u] || f32::from_bits(bits) > dist[u] {
+                continue;
+            }
+            done[u] = true;
+            if u != s && !self.transit[u] {
+                continue;
+            }
+            for &(v, c) in &self.adj[u] {
+                let v = v as usize;
+                if done[v] || blocked_link == Some((u, v)) {
+                    continue;
+                }
+                let candidate = dist[u] + c;
+                if candidate < dist[v] {
+                    dist[v] = candidate;
+                    parent[v] = u as u32;
+                    heap.push(std::cmp::Reverse((candidate.to_bits(), v as u32)));
+                }
+            }
+        }
+        parent
     }
 
     /// Cheapest path from `s` to `d` that enters none of `nodes` and uses
@@ -797,6 +939,22 @@ impl Dense {
         }
         None
     }
+}
+
+/// The path from `s` to `d` in a tree of parents, if `d` is in it.
+fn tree_path(parent: &[u32], s: usize, d: usize) -> Option<SmallVec<[u32; 6]>> {
+    let mut idx: SmallVec<[u32; 6]> = SmallVec::new();
+    let mut v = d as u32;
+    while v as usize != s {
+        if v == NONE || idx.len() > parent.len() {
+            return None;
+        }
+        idx.push(v);
+        v = parent[v as usize];
+    }
+    idx.push(s as u32);
+    idx.reverse();
+    Some(idx)
 }
 
 fn should_switch(current: &Path, new: &Path, switch_ratio: f64) -> bool {
