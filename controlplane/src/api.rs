@@ -98,6 +98,12 @@ pub enum Request {
         /// Read consistency.
         consistency: Consistency,
     },
+    /// Everything the network map shows: relays, links and the primary
+    /// paths in force.
+    Map {
+        /// Read consistency.
+        consistency: Consistency,
+    },
     /// The routes of one pair.
     Route {
         /// Source relay.
@@ -204,6 +210,19 @@ pub struct LinkView {
     pub poor: bool,
 }
 
+/// What the network map shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapView {
+    /// Route epoch.
+    pub epoch: u64,
+    /// Relays.
+    pub relays: Vec<RelayView>,
+    /// Links.
+    pub links: Vec<LinkView>,
+    /// Primary paths in force, one per pair.
+    pub primaries: Vec<Vec<RelayId>>,
+}
+
 /// The cluster as one node sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
@@ -244,6 +263,8 @@ pub enum Response {
         /// Epoch they belong to.
         epoch: u64,
     },
+    /// The network map's data.
+    Map(MapView),
     /// A pair's routes.
     Route {
         /// Epoch.

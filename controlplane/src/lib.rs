@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod map;
 pub mod node;
 pub mod ready;
 pub mod server;

@@ -24,8 +24,8 @@ use topology::{RelayId, RouteSet};
 use tracing::{debug, error, info, warn};
 
 use crate::api::{
-    API_ALPN, ClusterStatus, Consistency, CpToRelay, LinkView, MAX_API_FRAME, RAFT_ALPN, RelayToCp,
-    RelayView, Request, Response, encode_frame,
+    API_ALPN, ClusterStatus, Consistency, CpToRelay, LinkView, MAX_API_FRAME, MapView, RAFT_ALPN,
+    RelayToCp, RelayView, Request, Response, encode_frame,
 };
 use crate::config::CpConfig;
 use crate::engine::{EpochPlan, LinkReport, RouteEngine};
@@ -132,6 +132,42 @@ impl CpHandle {
         self.endpoint.close(VarInt::from_u32(0), b"shutting down");
         self.core.abort();
     }
+}
+
+fn relay_views(v: &CoreView<'_>) -> Vec<RelayView> {
+    v.node
+        .state()
+        .relays
+        .values()
+        .map(|r| RelayView {
+            id: r.id,
+            name: r.info.name.clone(),
+            region: r.info.region.clone(),
+            addr: r.info.addr.clone(),
+            admin: r.admin,
+            alive: r.alive,
+            clients: v.clients.get(&r.id).copied().unwrap_or(0),
+            location: r.info.location,
+        })
+        .collect()
+}
+
+fn link_views(s: &ClusterState) -> Vec<LinkView> {
+    let poor = s.policy.routing.cost.poor;
+    s.links
+        .iter()
+        .map(|(&(from, to), q)| {
+            let m = q.metrics();
+            LinkView {
+                from,
+                to,
+                rtt_ms: m.rtt_ms,
+                jitter_ms: m.jitter_ms,
+                loss: m.loss,
+                poor: poor.is_poor(&m),
+            }
+        })
+        .collect()
 }
 
 async fn ask(inputs: &mpsc::Sender<Input>, consistency: Consistency, q: Query) -> Response {
@@ -787,22 +823,7 @@ pub async fn handle_request(req: Request, inputs: &mpsc::Sender<Input>) -> Respo
                 inputs,
                 consistency,
                 Box::new(|v| Response::Relays {
-                    relays: v
-                        .node
-                        .state()
-                        .relays
-                        .values()
-                        .map(|r| RelayView {
-                            id: r.id,
-                            name: r.info.name.clone(),
-                            region: r.info.region.clone(),
-                            addr: r.info.addr.clone(),
-                            admin: r.admin,
-                            alive: r.alive,
-                            clients: v.clients.get(&r.id).copied().unwrap_or(0),
-                            location: r.info.location,
-                        })
-                        .collect(),
+                    relays: relay_views(v),
                 }),
             )
             .await
@@ -811,27 +832,25 @@ pub async fn handle_request(req: Request, inputs: &mpsc::Sender<Input>) -> Respo
             ask(
                 inputs,
                 consistency,
+                Box::new(|v| Response::Links {
+                    epoch: v.node.state().epoch,
+                    links: link_views(v.node.state()),
+                }),
+            )
+            .await
+        }
+        Request::Map { consistency } => {
+            ask(
+                inputs,
+                consistency,
                 Box::new(|v| {
                     let s = v.node.state();
-                    let poor = s.policy.routing.cost.poor;
-                    Response::Links {
+                    Response::Map(MapView {
                         epoch: s.epoch,
-                        links: s
-                            .links
-                            .iter()
-                            .map(|(&(from, to), q)| {
-                                let m = q.metrics();
-                                LinkView {
-                                    from,
-                                    to,
-                                    rtt_ms: m.rtt_ms,
-                                    jitter_ms: m.jitter_ms,
-                                    loss: m.loss,
-                                    poor: poor.is_poor(&m),
-                                }
-                            })
-                            .collect(),
-                    }
+                        relays: relay_views(v),
+                        links: link_views(s),
+                        primaries: s.primaries.values().cloned().collect(),
+                    })
                 }),
             )
             .await

@@ -160,7 +160,7 @@ impl RelayHandle {
         Ok(rx.await?)
     }
 
-    /// Replaces the apps (from the control plane).
+    /// Replaces the apps from the control plane (the config's stay).
     pub async fn set_apps(&self, apps: HashMap<String, Vec<u8>>) -> anyhow::Result<()> {
         self.inputs
             .send(Input::SetApps(apps))
@@ -247,6 +247,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let metrics = RelayMetrics::new(id, &config.name, &config.core.region);
     let core = tokio::spawn(
         CoreTask {
+            static_apps: relay.config().apps.clone(),
             relay,
             clients: HashMap::new(),
             peers: HashMap::new(),
@@ -300,6 +301,10 @@ struct PeerConn {
 
 struct CoreTask {
     relay: Relay,
+    /// Apps from the config: they stay whatever the control plane says,
+    /// as static peers do (a control plane that has not replicated its
+    /// apps yet must not lock clients out).
+    static_apps: HashMap<String, Vec<u8>>,
     clients: HashMap<ClientId, ClientConn>,
     peers: HashMap<RelayId, PeerConn>,
     metrics: RelayMetrics,
@@ -399,7 +404,12 @@ impl CoreTask {
                 }
                 let _ = reply.send(installed);
             }
-            Input::SetApps(apps) => self.relay.set_apps(apps),
+            Input::SetApps(mut apps) => {
+                for (id, secret) in &self.static_apps {
+                    apps.entry(id.clone()).or_insert_with(|| secret.clone());
+                }
+                self.relay.set_apps(apps);
+            }
             Input::SetDraining(true) => {
                 if !self.relay.is_draining() {
                     info!("drained by the control plane: telling clients to move");

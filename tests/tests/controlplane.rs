@@ -345,6 +345,32 @@ async fn relays_forward_headless_and_reconverge() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The status page, the map and `relayctl map` show both relays.
+    let http = SocketAddr::from(([127, 0, 0, 1], cps[0].spec.http_port));
+    let svg = http_get(http, "/map.svg").expect("map.svg");
+    assert!(
+        svg.contains("<svg") && svg.contains("R1 1") && svg.contains("R2 2"),
+        "{svg}"
+    );
+    let page = http_get(http, "/").expect("status page");
+    assert!(
+        page.contains("<h1>Relay network</h1>") && page.contains("<svg"),
+        "{page}"
+    );
+    let out = std::process::Command::new(bin("relayctl"))
+        .arg("--node")
+        .arg(cp_addrs[0].to_string())
+        .arg("--pki")
+        .arg(cluster.pki())
+        .args(["--operator", "test", "map"])
+        .output()
+        .unwrap();
+    let map = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && map.starts_with("<svg") && map.contains("R2 2"),
+        "{map}"
+    );
+
     let mut sub = session(&cluster, rb.spec.addr()).await;
     let ch = sub
         .join("h", &token("h", "s", Role::Subscriber))

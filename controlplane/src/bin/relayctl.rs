@@ -66,6 +66,13 @@ enum Cmd {
         #[arg(long)]
         stale: bool,
     },
+    /// The network map as SVG (relays by coordinates, links by quality,
+    /// routes in force): `relayctl map > map.svg`.
+    Map {
+        /// Read this node's state without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
     /// Primary and backup route of a pair, with costs.
     Route {
         /// Source relay.
@@ -276,6 +283,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Links { stale } => Request::Links {
             consistency: consistency(*stale),
         },
+        Cmd::Map { stale } => Request::Map {
+            consistency: consistency(*stale),
+        },
         Cmd::Route { from, to } => Request::Route {
             from: RelayId(*from),
             to: RelayId(*to),
@@ -406,6 +416,7 @@ fn print_human(r: &Response) -> anyhow::Result<()> {
                 );
             }
         }
+        Response::Map(map) => print!("{}", controlplane::map::svg(map)),
         Response::Links { links, epoch } => {
             println!("epoch {epoch}");
             println!(
