@@ -281,6 +281,7 @@ struct CpMetrics {
 impl CpMetrics {
     fn new() -> Self {
         use metrics::{counter, gauge, histogram};
+        describe_metrics();
         Self {
             term: gauge!("controlplane_raft_term"),
             leader: gauge!("controlplane_raft_leader_id"),
@@ -298,6 +299,45 @@ impl CpMetrics {
             rejected: gauge!("controlplane_rejected_commands"),
         }
     }
+}
+
+/// Help text for every metric (Prometheus `# HELP`).
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("controlplane_raft_term", "Current Raft term.");
+    describe_gauge!(
+        "controlplane_raft_leader_id",
+        "The leader this node knows (0: none)."
+    );
+    describe_gauge!("controlplane_raft_is_leader", "1 on the leader.");
+    describe_counter!(
+        "controlplane_raft_leader_changes_total",
+        "Leader changes this node has seen."
+    );
+    describe_gauge!("controlplane_raft_commit_index", "Raft commit index.");
+    describe_gauge!("controlplane_raft_applied_index", "Raft applied index.");
+    describe_histogram!(
+        "controlplane_proposal_duration_seconds",
+        Unit::Seconds,
+        "Time from a proposal to its commit and apply."
+    );
+    describe_histogram!(
+        "controlplane_route_computation_seconds",
+        Unit::Seconds,
+        "Time to plan a route epoch."
+    );
+    describe_counter!(
+        "controlplane_route_changes_total",
+        "Pairs whose primary path changed, summed over epochs."
+    );
+    describe_gauge!("controlplane_route_epoch", "The last applied route epoch.");
+    describe_counter!("controlplane_route_epochs_total", "Route epochs applied.");
+    describe_gauge!("controlplane_relays", "Registered relays.");
+    describe_gauge!("controlplane_relays_alive", "Relays within their lease.");
+    describe_gauge!(
+        "controlplane_rejected_commands",
+        "Commands the state machine rejected since the log began."
+    );
 }
 
 struct Core {

@@ -46,6 +46,7 @@ struct LinkGauges {
 impl RelayMetrics {
     /// Registers the relay's metrics (and an info metric with its labels).
     pub fn new(id: RelayId, name: &str, region: &str) -> Self {
+        describe();
         gauge!("relayd_info", "relay" => id.0.to_string(), "name" => name.to_owned(), "region" => region.to_owned())
             .set(1.0);
         Self {
@@ -128,4 +129,84 @@ impl RelayMetrics {
             g.connected.set(if l.connected { 1.0 } else { 0.0 });
         }
     }
+}
+
+/// Help text for every metric (Prometheus `# HELP`; `promtool check
+/// metrics` requires it).
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_gauge!(
+        "relayd_info",
+        "Relay identity: id, name and region labels; always 1."
+    );
+    describe_counter!(
+        "relayd_forwarded_packets_total",
+        "Media datagrams sent, to local clients or to peer relays."
+    );
+    describe_counter!(
+        "relayd_forwarded_bytes_total",
+        Unit::Bytes,
+        "Media bytes sent, to local clients or to peer relays."
+    );
+    describe_counter!(
+        "relayd_client_received_packets_total",
+        "Media datagrams received from local publishers."
+    );
+    describe_counter!(
+        "relayd_client_received_bytes_total",
+        Unit::Bytes,
+        "Media bytes received from local publishers."
+    );
+    describe_counter!(
+        "relayd_client_probes_total",
+        "Client probe datagrams echoed (relay selection by the SDK)."
+    );
+    describe_counter!(
+        "relayd_rerouted_packets_total",
+        "Media datagrams sent on a backup path or repaired locally (fast reroute)."
+    );
+    describe_counter!(
+        "relayd_messages_delivered_total",
+        "Reliable messages delivered to local clients."
+    );
+    describe_counter!(
+        "relayd_dropped_packets_total",
+        "Datagrams dropped, by reason."
+    );
+    describe_counter!(
+        "relayd_auth_failures_total",
+        "Clients refused, by reason (forged, expired, wrong channel, unknown app)."
+    );
+    describe_gauge!("relayd_clients", "Connected clients.");
+    describe_gauge!("relayd_channels", "Channels with local members.");
+    describe_gauge!(
+        "relayd_peers_connected",
+        "Peer relays with a live connection."
+    );
+    describe_gauge!(
+        "relayd_route_epoch",
+        "Epoch of the installed route table (0: static routes from the config)."
+    );
+    describe_gauge!(
+        "relayd_link_rtt_seconds",
+        Unit::Seconds,
+        "Smoothed RTT to a peer, from probes."
+    );
+    describe_gauge!(
+        "relayd_link_jitter_seconds",
+        Unit::Seconds,
+        "RFC 3550 interarrival jitter of the RTT samples to a peer."
+    );
+    describe_gauge!(
+        "relayd_link_loss_ratio",
+        "Loss to a peer over the loss window, probes and media."
+    );
+    describe_gauge!(
+        "relayd_link_usable",
+        "1 when forwarding may use the link to a peer, 0 under fast reroute."
+    );
+    describe_gauge!(
+        "relayd_link_connected",
+        "1 while the connection to a peer is up."
+    );
 }
