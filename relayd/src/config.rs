@@ -177,6 +177,8 @@ struct MetricsSection {
 struct ProbeSection {
     interval_ms: u64,
     timeout_ms: u64,
+    adaptive_timeout: bool,
+    dead_after_losses: u32,
     fast_window_ms: u64,
     recover_after_ms: u64,
 }
@@ -187,6 +189,8 @@ impl Default for ProbeSection {
         Self {
             interval_ms: l.probe_interval.as_millis() as u64,
             timeout_ms: l.metrics.probe_timeout.as_millis() as u64,
+            adaptive_timeout: l.metrics.adaptive_timeout,
+            dead_after_losses: l.metrics.dead_after_losses,
             fast_window_ms: l.fast_window.as_millis() as u64,
             recover_after_ms: l.recover_after.as_millis() as u64,
         }
@@ -426,7 +430,12 @@ impl ConfigFile {
             recover_after: Duration::from_millis(p.recover_after_ms),
             ..LinkConfig::default()
         };
+        if p.dead_after_losses == 0 {
+            return Err(invalid("probe.dead_after_losses", "must be at least 1"));
+        }
         link.metrics.probe_timeout = Duration::from_millis(p.timeout_ms);
+        link.metrics.adaptive_timeout = p.adaptive_timeout;
+        link.metrics.dead_after_losses = p.dead_after_losses;
 
         let mut apps = HashMap::new();
         for (i, a) in self.apps.iter().enumerate() {

@@ -56,7 +56,19 @@ fn check_config_accepts_valid_and_explains_invalid() {
         "{out}"
     );
 
+    // Fast failure detection settings are accepted.
+    let fast = good.replace(
+        "[probe]\n",
+        "[probe]\nadaptive_timeout = true\ndead_after_losses = 2\n",
+    );
+    let (ok, out) = check_config(&cluster, &fast);
+    assert!(ok, "{out}");
+
     let cases: Vec<(String, &str)> = vec![
+        (
+            good.replace("[probe]\n", "[probe]\ndead_after_losses = 0\n"),
+            "probe.dead_after_losses",
+        ),
         (
             good.replace("[relay]", "[relay]\nbogus = 1"),
             "unknown field `bogus`",
