@@ -12,47 +12,11 @@ use crate::engine::EngineConfig;
 use crate::node::NodeConfig;
 use crate::state::Secret;
 
-/// Why a configuration was rejected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Not valid TOML, unknown key, wrong type.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message.
-        message: String,
-    },
-    /// A value that is not acceptable.
-    #[error("{field}: {message}")]
-    Invalid {
-        /// Which setting.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// Certificates or keys that do not load.
-    #[error(transparent)]
-    Tls(#[from] relay_net::tls::TlsError),
-}
+pub use relay_net::config::ConfigError;
+use relay_net::config::{TlsSection, invalid, read_toml, resolve};
 
 /// Raft's logical clock ticks every 10 ms.
 const TICK_MS: u64 = 10;
-
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,20 +41,6 @@ struct NodeSection {
     listen: String,
     data_dir: PathBuf,
     http_listen: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TlsSection {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    #[serde(default = "default_domain")]
-    cluster_domain: String,
-}
-
-fn default_domain() -> String {
-    "relays.internal".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,25 +159,10 @@ pub struct CpConfig {
     pub log_json: bool,
 }
 
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_owned()
-    } else {
-        base.join(p)
-    }
-}
-
 impl CpConfig {
     /// Loads and validates a config file.
     pub fn load(path: &Path) -> Result<CpConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let f: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let f: File = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         if f.node.id == 0 {
             return Err(invalid("node.id", "must be positive"));

@@ -65,6 +65,65 @@ pub fn meaningful_change(old: &Metrics, new: &Metrics, poor: &PoorThresholds) ->
         || poor.is_poor(old) != poor.is_poor(new)
 }
 
+/// A relay's side of link reporting, shared by `relayd` and the
+/// simulator: checked periodically, it says when to send a report (a link
+/// changed meaningfully, appeared or went away, or a full period passed)
+/// and what it carries. Time is an argument.
+#[derive(Debug, Clone)]
+pub struct LinkReporter {
+    period: Duration,
+    last_sent: HashMap<RelayId, Option<Metrics>>,
+    last_full: Instant,
+}
+
+impl LinkReporter {
+    /// Full reports every `period`, the first one period after `now`
+    /// (links that are already measured are reported at once, as changes).
+    pub fn new(period: Duration, now: Instant) -> Self {
+        Self {
+            period,
+            last_sent: HashMap::new(),
+            last_full: now,
+        }
+    }
+
+    /// The report to send now for these links, if one is due.
+    pub fn poll(
+        &mut self,
+        links: &[relay_core::links::LinkReport],
+        poor: &PoorThresholds,
+        now: Instant,
+    ) -> Option<Vec<LinkReport>> {
+        let links: Vec<LinkReport> = links
+            .iter()
+            .map(|l| LinkReport {
+                peer: l.peer,
+                metrics: if l.connected { l.stats.metrics() } else { None },
+            })
+            .collect();
+        let changed = links.iter().any(|l| {
+            match (self.last_sent.get(&l.peer).copied().flatten(), l.metrics) {
+                (Some(old), Some(new)) => meaningful_change(&old, &new, poor),
+                (None, None) => false,
+                _ => true,
+            }
+        });
+        let full_due = now.saturating_duration_since(self.last_full) >= self.period;
+        if !(changed || full_due) {
+            return None;
+        }
+        self.last_full = now;
+        self.last_sent = links.iter().map(|l| (l.peer, l.metrics)).collect();
+        Some(links)
+    }
+
+    /// Forgets what was sent (a restart): measured links are reported at
+    /// the next poll.
+    pub fn reset(&mut self) {
+        self.last_sent.clear();
+    }
+}
+
 /// The leader's soft state.
 #[derive(Debug, Default)]
 pub struct RouteEngine {
@@ -348,6 +407,49 @@ mod tests {
                 to: RelayId(2),
                 metrics: None
             }]
+        );
+    }
+
+    #[test]
+    fn reporter_sends_changes_at_once_and_the_rest_every_period() {
+        use relay_core::links::LinkReport as Link;
+        use topology::{LinkHealth, LinkStats};
+        let link = |rtt_ms: u64| Link {
+            peer: RelayId(2),
+            connected: true,
+            usable: true,
+            stats: LinkStats {
+                rtt: Some(Duration::from_millis(rtt_ms)),
+                jitter: Duration::ZERO,
+                loss: 0.0,
+                loss_samples: 10,
+                samples: 10,
+                age: Some(Duration::ZERO),
+                consecutive_losses: 0,
+                health: LinkHealth::Alive,
+            },
+        };
+        let poor = PoorThresholds::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut r = LinkReporter::new(Duration::from_secs(5), t0);
+        assert_eq!(r.poll(&[], &poor, at(250)), None, "nothing measured yet");
+        let sent = r.poll(&[link(100)], &poor, at(500)).expect("new link");
+        assert_eq!(sent[0].metrics.map(|m| m.rtt_ms), Some(100.0));
+        assert_eq!(r.poll(&[link(103)], &poor, at(750)), None, "noise");
+        assert!(
+            r.poll(&[link(140)], &poor, at(1000)).is_some(),
+            "meaningful"
+        );
+        assert_eq!(r.poll(&[link(141)], &poor, at(5900)), None);
+        assert!(
+            r.poll(&[link(141)], &poor, at(6000)).is_some(),
+            "full period"
+        );
+        r.reset();
+        assert!(
+            r.poll(&[link(141)], &poor, at(6250)).is_some(),
+            "after reset"
         );
     }
 

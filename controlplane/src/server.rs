@@ -820,8 +820,22 @@ async fn serve_operator(conn: quinn::Connection, domain: &str, inputs: mpsc::Sen
 }
 
 async fn propose(inputs: &mpsc::Sender<Input>, cmd: Command) -> Response {
+    submit(
+        inputs,
+        |tx| Input::Propose(cmd, tx),
+        "no answer in time (no quorum?)",
+    )
+    .await
+}
+
+/// Hands the core a write and waits (10 s at most) for its outcome.
+async fn submit(
+    inputs: &mpsc::Sender<Input>,
+    input: impl FnOnce(oneshot::Sender<Result<(), ProposeError>>) -> Input,
+    timeout_message: &str,
+) -> Response {
     let (tx, rx) = oneshot::channel();
-    if inputs.send(Input::Propose(cmd, tx)).await.is_err() {
+    if inputs.send(input(tx)).await.is_err() {
         return Response::Error {
             message: "node is shutting down".into(),
         };
@@ -832,7 +846,7 @@ async fn propose(inputs: &mpsc::Sender<Input>, cmd: Command) -> Response {
             message: e.to_string(),
         },
         _ => Response::Error {
-            message: "no answer in time (no quorum?)".into(),
+            message: timeout_message.into(),
         },
     }
 }
@@ -957,21 +971,12 @@ async fn membership(inputs: &mpsc::Sender<Input>, id: u64, addr: Option<String>)
             message: format!("{a:?} is not an address"),
         };
     }
-    let (tx, rx) = oneshot::channel();
-    if inputs.send(Input::Membership(id, addr, tx)).await.is_err() {
-        return Response::Error {
-            message: "node is shutting down".into(),
-        };
-    }
-    match tokio::time::timeout(Duration::from_secs(10), rx).await {
-        Ok(Ok(Ok(()))) => Response::Ok,
-        Ok(Ok(Err(e))) => Response::Error {
-            message: e.to_string(),
-        },
-        _ => Response::Error {
-            message: "no answer in time".into(),
-        },
-    }
+    submit(
+        inputs,
+        |tx| Input::Membership(id, addr, tx),
+        "no answer in time",
+    )
+    .await
 }
 
 impl LinkReport {

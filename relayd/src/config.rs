@@ -16,46 +16,10 @@ use relay_core::wire::client::Alternative;
 use serde::Deserialize;
 use topology::{Metrics, RelayId, Route, RouteEntry, RouteTable};
 
-use relay_net::tls::{TlsError, TlsIdentity};
+use relay_net::tls::TlsIdentity;
 
-/// Why a configuration was rejected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Not valid TOML, or a key that does not exist, or a wrong type.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message (with line and column).
-        message: String,
-    },
-    /// A value that parses but is not acceptable.
-    #[error("{field}: {message}")]
-    Invalid {
-        /// Which setting.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// Certificates or keys that do not load.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-}
-
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
-}
+pub use relay_net::config::{ConfigError, default_cluster_domain};
+use relay_net::config::{TlsSection, invalid, read_toml, resolve};
 
 /// The file, as written.
 #[derive(Debug, Deserialize)]
@@ -149,21 +113,6 @@ fn default_hop_limit() -> u8 {
 }
 fn default_max_channels() -> usize {
     16
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TlsSection {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    #[serde(default = "default_cluster_domain")]
-    cluster_domain: String,
-}
-
-/// DNS suffix of relay names in certificates: relay N is `relay-N.<domain>`.
-pub fn default_cluster_domain() -> String {
-    "relays.internal".into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,14 +267,7 @@ impl Config {
     /// Reads, parses and validates a config file. Relative paths inside
     /// are relative to the file's folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let file: ConfigFile = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         file.validate(base)
     }
@@ -346,14 +288,6 @@ fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
             Ok(())
         }
         _ => Err(invalid(field, format!("{s:?} is not host:port"))),
-    }
-}
-
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_owned()
-    } else {
-        base.join(p)
     }
 }
 

@@ -11,18 +11,17 @@
 //! relay keeps forwarding on its last routes and keeps probing: the control
 //! plane is needed for change, not for traffic.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use controlplane::api::{CpToRelay, MAX_API_FRAME, RelayToCp, encode_frame};
-use controlplane::engine::{LinkReport, meaningful_change};
+use controlplane::engine::LinkReporter;
 use controlplane::server::RELAY_ALPN;
 use controlplane::state::RelayInfo;
 use relay_net::framing::read_frame;
 use relay_net::quic::control_transport;
 use relay_net::tls::{TlsIdentity, control_plane_name};
-use topology::{Metrics, PoorThresholds, RelayId};
+use topology::PoorThresholds;
 use tracing::{debug, info, warn};
 
 use crate::config::{ControlPlane, Peer};
@@ -75,8 +74,8 @@ async fn session(
     }))
     .await?;
     info!(node = %node.addr, "control-plane session up");
-    let mut last_sent: HashMap<RelayId, Option<Metrics>> = HashMap::new();
-    let mut last_full = tokio::time::Instant::now();
+    let mut reporter =
+        LinkReporter::new(cp.report_interval, tokio::time::Instant::now().into_std());
     let mut check = tokio::time::interval(Duration::from_millis(250));
     let poor = PoorThresholds::default();
     loop {
@@ -107,24 +106,7 @@ async fn session(
             }
             _ = check.tick() => {
                 let snap = relay.snapshot().await?;
-                let links: Vec<LinkReport> = snap
-                    .links
-                    .iter()
-                    .map(|l| LinkReport {
-                        peer: l.peer,
-                        metrics: if l.connected { l.stats.metrics() } else { None },
-                    })
-                    .collect();
-                let changed = links.iter().any(|l| {
-                    match (last_sent.get(&l.peer).copied().flatten(), l.metrics) {
-                        (Some(old), Some(new)) => meaningful_change(&old, &new, &poor),
-                        (None, None) => false,
-                        _ => true,
-                    }
-                });
-                if changed || last_full.elapsed() >= cp.report_interval {
-                    last_full = tokio::time::Instant::now();
-                    last_sent = links.iter().map(|l| (l.peer, l.metrics)).collect();
+                if let Some(links) = reporter.poll(&snap.links, &poor, tokio::time::Instant::now().into_std()) {
                     let report = RelayToCp::Report { links, clients: snap.clients as u32 };
                     send.write_all(&encode_frame(&report)).await?;
                 }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use controlplane::engine::{EngineConfig, LinkReport, RouteEngine, meaningful_change};
+use controlplane::engine::{EngineConfig, LinkReport, LinkReporter, RouteEngine};
 use controlplane::state::{ClusterState, Command, RelayInfo};
 use netmodel::{LinkModel, Profile};
 use rand::seq::SliceRandom;
@@ -95,23 +95,19 @@ pub struct Node {
     /// Bumped on every kill and restart: packets for an older life are lost.
     life: u32,
     armed: Option<Duration>,
-    last_sent: HashMap<RelayId, Option<Metrics>>,
-    last_full: Duration,
+    reporter: LinkReporter,
 }
 
 #[derive(Debug)]
 enum Ev {
     Wake(u32),
-    Datagram {
+    /// A datagram (`frame: false`) or a control frame arriving at a relay
+    /// in its `life`.
+    Peer {
         from: u32,
         to: u32,
         life: u32,
-        data: Bytes,
-    },
-    Frame {
-        from: u32,
-        to: u32,
-        life: u32,
+        frame: bool,
         data: Bytes,
     },
     Connect(u32, u32),
@@ -473,8 +469,13 @@ impl Sim {
     /// Builds the network of `scenario` over `world` (whose sites are the
     /// countries).
     pub fn new(scenario: Scenario, world: &World, short: bool) -> Result<Sim, SetupError> {
+        // The one clock read: an origin for the cores' `Instant`s. Nothing
+        // depends on its value; virtual time is an offset from it.
+        #[allow(clippy::disallowed_methods)]
+        let origin = Instant::now();
         let seed = scenario.seed;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let report_period = Duration::from_millis(scenario.control_plane.report_interval_ms);
         let spec = scenario.world.clone();
         let countries: Vec<usize> = if spec.countries.is_empty() {
             (0..world.sites.len()).collect()
@@ -562,8 +563,7 @@ impl Sim {
                 alive: true,
                 life: 1,
                 armed: None,
-                last_sent: HashMap::new(),
-                last_full: Duration::ZERO,
+                reporter: LinkReporter::new(report_period, origin),
             });
         }
 
@@ -658,10 +658,6 @@ impl Sim {
             epoch_interval: Duration::from_millis(scenario.control_plane.epoch_interval_ms),
             ..EngineConfig::default()
         });
-        // The one clock read: an origin for the cores' `Instant`s. Nothing
-        // depends on its value; virtual time is an offset from it.
-        #[allow(clippy::disallowed_methods)]
-        let origin = Instant::now();
         engine.became_leader(origin);
 
         // Sampled pairs: relays in different countries.
@@ -927,10 +923,11 @@ impl Sim {
                         let life = self.nodes[to as usize].life;
                         self.push(
                             now + delay,
-                            Ev::Datagram {
+                            Ev::Peer {
                                 from: r,
                                 to,
                                 life,
+                                frame: false,
                                 data: datagram,
                             },
                         );
@@ -946,10 +943,11 @@ impl Sim {
                         let at = self.now + Duration::from_secs_f64(p.delay_ms / 1e3);
                         self.push(
                             at,
-                            Ev::Frame {
+                            Ev::Peer {
                                 from: r,
                                 to,
                                 life,
+                                frame: true,
                                 data: frame,
                             },
                         );
@@ -1251,30 +1249,10 @@ impl Sim {
             return;
         }
         let now = self.instant();
-        let node = &self.nodes[r as usize];
-        let links: Vec<LinkReport> = node
-            .core
-            .links(now)
-            .into_iter()
-            .map(|l| LinkReport {
-                peer: l.peer,
-                metrics: if l.connected { l.stats.metrics() } else { None },
-            })
-            .collect();
-        let changed = links.iter().any(|l| {
-            match (node.last_sent.get(&l.peer).copied().flatten(), l.metrics) {
-                (Some(old), Some(new)) => meaningful_change(&old, &new, &self.poor),
-                (None, None) => false,
-                _ => true,
-            }
-        });
-        let full = Duration::from_millis(self.scenario.control_plane.report_interval_ms);
-        if !(changed || self.now.saturating_sub(node.last_full) >= full) {
-            return;
-        }
         let node = &mut self.nodes[r as usize];
-        node.last_full = self.now;
-        node.last_sent = links.iter().map(|l| (l.peer, l.metrics)).collect();
+        let Some(links) = node.reporter.poll(&node.core.links(now), &self.poor, now) else {
+            return;
+        };
         let site = node.site;
         if let Some(p) = self.site_profile(site, self.cp.site) {
             let at = self.now + Duration::from_secs_f64(p.delay_ms / 1e3);
@@ -1590,7 +1568,7 @@ impl Sim {
         n.alive = true;
         n.life += 1;
         n.armed = None;
-        n.last_sent.clear();
+        n.reporter.reset();
         // The old connections are gone on both sides.
         let peers = n.peers.clone();
         for p in peers {
@@ -1798,10 +1776,11 @@ impl Sim {
                 node.core.handle_timeout(now);
                 self.drain(r);
             }
-            Ev::Datagram {
+            Ev::Peer {
                 from,
                 to,
                 life,
+                frame,
                 data,
             } => {
                 let now = self.instant();
@@ -1809,21 +1788,12 @@ impl Sim {
                 if !node.alive || node.life != life || !self.connected.contains(&(to, from)) {
                     return;
                 }
-                node.core.handle_peer_datagram(RelayId(from), &data, now);
-                self.drain(to);
-            }
-            Ev::Frame {
-                from,
-                to,
-                life,
-                data,
-            } => {
-                let now = self.instant();
-                let node = &mut self.nodes[to as usize];
-                if !node.alive || node.life != life || !self.connected.contains(&(to, from)) {
-                    return;
+                if frame {
+                    // Frames carry their length prefix; relays send valid ones.
+                    let _ = node.core.handle_peer_frame(RelayId(from), &data[4..], now);
+                } else {
+                    node.core.handle_peer_datagram(RelayId(from), &data, now);
                 }
-                let _ = node.core.handle_peer_frame(RelayId(from), &data[4..], now);
                 self.drain(to);
             }
             Ev::Connect(a, b) => self.connect(a, b),

@@ -7,6 +7,7 @@
 //!   congestion window.
 //! - [`framing`]: length-prefixed frames on QUIC streams.
 
+pub mod config;
 pub mod framing;
 pub mod pki;
 pub mod quic;
