@@ -13,7 +13,7 @@ use crate::node::NodeConfig;
 use crate::state::Secret;
 
 pub use relay_net::config::ConfigError;
-use relay_net::config::{TlsSection, invalid, read_toml, resolve};
+use relay_net::config::{AppSection, TlsSection, invalid, read_toml, resolve};
 
 /// Raft's logical clock ticks every 10 ms.
 const TICK_MS: u64 = 10;
@@ -111,22 +111,6 @@ impl Default for LogSection {
             level: "info".into(),
             format: "text".into(),
         }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AppSection {
-    id: String,
-    secret: Option<String>,
-    secret_file: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for AppSection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppSection")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
     }
 }
 
@@ -228,30 +212,11 @@ impl CpConfig {
         tls.check_own_name(&control_plane_name(f.node.id, &f.tls.cluster_domain))?;
         let mut apps = Vec::new();
         for (i, a) in f.apps.iter().enumerate() {
-            let hex_text = match (&a.secret, &a.secret_file) {
-                (Some(s), None) => s.trim().to_owned(),
-                (None, Some(p)) => {
-                    let p = resolve(base, p);
-                    std::fs::read_to_string(&p)
-                        .map_err(|source| ConfigError::Io { path: p, source })?
-                        .trim()
-                        .to_owned()
-                }
-                _ => {
-                    return Err(invalid(
-                        format!("apps[{i}]"),
-                        "give exactly one of secret and secret_file",
-                    ));
-                }
-            };
-            let bytes = hex::decode(&hex_text)
-                .map_err(|_| invalid(format!("apps[{i}].secret"), "is not hex"))?;
-            if bytes.len() < relay_core::token::MIN_SECRET_LEN {
-                return Err(invalid(
-                    format!("apps[{i}].secret"),
-                    "must be at least 16 bytes",
-                ));
-            }
+            let (hex_text, _) = a.load_secret(
+                base,
+                &format!("apps[{i}]"),
+                relay_core::token::MIN_SECRET_LEN,
+            )?;
             apps.push((a.id.clone(), Secret(hex_text)));
         }
         if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {

@@ -4,9 +4,8 @@
 //! included, before any socket opens: that is what `--check-config` runs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use relay_core::RelayConfig;
@@ -18,8 +17,8 @@ use topology::{Metrics, RelayId, Route, RouteEntry, RouteTable};
 
 use relay_net::tls::TlsIdentity;
 
+use relay_net::config::{AppSection, TlsSection, invalid, read_toml, resolve};
 pub use relay_net::config::{ConfigError, default_cluster_domain};
-use relay_net::config::{TlsSection, invalid, read_toml, resolve};
 
 /// The file, as written.
 #[derive(Debug, Deserialize)]
@@ -184,26 +183,6 @@ impl Default for LogSection {
             level: "info".into(),
             format: LogFormat::Text,
         }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AppSection {
-    id: String,
-    /// Hex-encoded secret.
-    secret: Option<String>,
-    /// File holding the hex-encoded secret.
-    secret_file: Option<PathBuf>,
-}
-
-impl fmt::Debug for AppSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppSection")
-            .field("id", &self.id)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field("secret_file", &self.secret_file)
-            .finish()
     }
 }
 
@@ -377,34 +356,7 @@ impl ConfigFile {
             if a.id.is_empty() || a.id.len() > 255 {
                 return Err(invalid(format!("{field}.id"), "must be 1 to 255 bytes"));
             }
-            let hex_text = match (&a.secret, &a.secret_file) {
-                (Some(s), None) => s.trim().to_owned(),
-                (None, Some(f)) => {
-                    let path = resolve(base, f);
-                    std::fs::read_to_string(&path)
-                        .map_err(|source| ConfigError::Io { path, source })?
-                        .trim()
-                        .to_owned()
-                }
-                _ => {
-                    return Err(invalid(
-                        &field,
-                        "give exactly one of secret and secret_file",
-                    ));
-                }
-            };
-            // Never echo the secret itself in errors.
-            let secret = hex::decode(&hex_text)
-                .map_err(|_| invalid(format!("{field}.secret"), "is not hex"))?;
-            if secret.len() < MIN_SECRET_LEN {
-                return Err(invalid(
-                    format!("{field}.secret"),
-                    format!(
-                        "must be at least {MIN_SECRET_LEN} bytes ({} hex digits)",
-                        2 * MIN_SECRET_LEN
-                    ),
-                ));
-            }
+            let (_, secret) = a.load_secret(base, &field, MIN_SECRET_LEN)?;
             if apps.insert(a.id.clone(), secret).is_some() {
                 return Err(invalid(
                     format!("{field}.id"),

@@ -88,3 +88,105 @@ pub struct TlsSection {
 pub fn default_cluster_domain() -> String {
     "relays.internal".into()
 }
+
+/// An `[[apps]]` entry: an app id and its token secret, inline or in a
+/// file, hex-encoded. Its `Debug` never shows the secret.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSection {
+    /// App id.
+    pub id: String,
+    /// Hex-encoded secret.
+    pub secret: Option<String>,
+    /// File holding the hex-encoded secret.
+    pub secret_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AppSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppSection")
+            .field("id", &self.id)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .finish()
+    }
+}
+
+impl AppSection {
+    /// The secret as hex text and bytes, read from the file if given
+    /// (relative to `base`). `field` names the entry in errors, which
+    /// never echo the secret; it must be at least `min_len` bytes.
+    pub fn load_secret(
+        &self,
+        base: &Path,
+        field: &str,
+        min_len: usize,
+    ) -> Result<(String, Vec<u8>), ConfigError> {
+        let hex_text = match (&self.secret, &self.secret_file) {
+            (Some(s), None) => s.trim().to_owned(),
+            (None, Some(f)) => {
+                let path = resolve(base, f);
+                std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Io { path, source })?
+                    .trim()
+                    .to_owned()
+            }
+            _ => {
+                return Err(invalid(field, "give exactly one of secret and secret_file"));
+            }
+        };
+        let bytes =
+            hex::decode(&hex_text).map_err(|_| invalid(format!("{field}.secret"), "is not hex"))?;
+        if bytes.len() < min_len {
+            return Err(invalid(
+                format!("{field}.secret"),
+                format!(
+                    "must be at least {min_len} bytes ({} hex digits)",
+                    2 * min_len
+                ),
+            ));
+        }
+        Ok((hex_text, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(secret: Option<&str>, file: Option<&str>) -> AppSection {
+        AppSection {
+            id: "shop".into(),
+            secret: secret.map(Into::into),
+            secret_file: file.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn secrets_load_inline_or_from_a_file_and_errors_never_echo_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let hex16 = "00112233445566778899aabbccddeeff";
+        std::fs::write(dir.path().join("s.hex"), format!("{hex16}\n")).unwrap();
+        let (text, bytes) = app(Some(hex16), None)
+            .load_secret(dir.path(), "apps[0]", 16)
+            .unwrap();
+        assert_eq!((text.as_str(), bytes.len()), (hex16, 16));
+        let (_, from_file) = app(None, Some("s.hex"))
+            .load_secret(dir.path(), "apps[0]", 16)
+            .unwrap();
+        assert_eq!(from_file, bytes);
+        for (a, expect) in [
+            (app(Some(hex16), Some("s.hex")), "exactly one"),
+            (app(None, None), "exactly one"),
+            (app(Some("zz-not-hex"), None), "apps[0].secret: is not hex"),
+            (app(Some("0011"), None), "at least 16 bytes"),
+        ] {
+            let e = a
+                .load_secret(dir.path(), "apps[0]", 16)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expect) && !e.contains("zz-not-hex"), "{e}");
+        }
+        assert!(!format!("{:?}", app(Some(hex16), None)).contains(hex16));
+    }
+}
