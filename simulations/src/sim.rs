@@ -430,7 +430,7 @@ pub struct Sim {
     poor: PoorThresholds,
     routing: RoutingConfig,
     cp: ControlPlane,
-    oracle: Option<RouteSet>,
+    oracle: Option<Arc<RouteSet>>,
     pairs: Vec<(u32, u32)>,
     last_paths: Vec<Option<Hops>>,
     path_changes: Vec<u32>,
@@ -865,15 +865,17 @@ impl Sim {
         g
     }
 
-    fn oracle(&mut self) -> &RouteSet {
+    /// Best routes on the true link state, recomputed after the truth
+    /// changed (events) and shared otherwise.
+    fn oracle(&mut self) -> Arc<RouteSet> {
         if self.oracle.is_none() {
-            self.oracle = Some(RouteSet::primaries(
+            self.oracle = Some(Arc::new(RouteSet::primaries(
                 &self.truth_graph(),
                 &self.routing,
                 None,
-            ));
+            )));
         }
-        self.oracle.as_ref().expect("just computed")
+        self.oracle.clone().expect("just computed")
     }
 
     // ----- relays --------------------------------------------------------
@@ -1407,13 +1409,19 @@ impl Sim {
         let event = self.scenario.events[index].clone();
         // Pairs whose current overlay path the event may hurt are tracked
         // until they are on a good path again.
-        let before: Vec<Option<Hops>> = self
-            .pairs
-            .iter()
-            .map(|&(a, b)| self.overlay_path(a, b).map(|(h, _)| h))
-            .collect();
+        let hurts = matches!(
+            event.kind,
+            EventKind::Degrade { .. } | EventKind::Cut { .. } | EventKind::Kill { .. }
+        );
+        let before: Vec<Option<Hops>> = if hurts {
+            self.pairs
+                .iter()
+                .map(|&(a, b)| self.overlay_path(a, b).map(|(h, _)| h))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let label;
-        let mut hurts = false;
         match &event.kind {
             EventKind::Degrade {
                 from,
@@ -1436,7 +1444,6 @@ impl Sim {
                         profile.as_deref().unwrap_or("custom")
                     )
                 });
-                hurts = true;
             }
             EventKind::Recover { from, to, except } => {
                 for p in self.site_pairs(from, to, except) {
@@ -1454,7 +1461,6 @@ impl Sim {
                     self.push(self.now + IDLE_TIMEOUT, Ev::Disconnect(a, b));
                 }
                 label = format!("cut {} - {}", from.join("/"), to.join("/"));
-                hurts = true;
             }
             EventKind::Restore { from, to } => {
                 for p in self.site_pairs(from, to, &[]) {
@@ -1474,7 +1480,6 @@ impl Sim {
                     }
                 }
                 label = format!("kill {}", relays.join(","));
-                hurts = true;
             }
             EventKind::Restart { relays } => {
                 for r in self.relays_named(relays) {
@@ -1511,7 +1516,7 @@ impl Sim {
             }
             oracle_good.push((i, a, b));
         }
-        let oracle = self.oracle().clone();
+        let oracle = self.oracle();
         for (i, a, b) in oracle_good {
             let fixable = oracle
                 .route(RelayId(a), RelayId(b))
@@ -1606,7 +1611,7 @@ impl Sim {
         if self.pairs.is_empty() {
             return;
         }
-        let oracle = self.oracle().clone();
+        let oracle = self.oracle();
         let warm = self.now.as_secs_f64() >= self.scenario.report.warmup_s;
         let (mut d, mut o, mut x) = (0u64, 0u64, 0u64);
         for i in 0..self.pairs.len() {
