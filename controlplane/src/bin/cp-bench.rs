@@ -163,11 +163,21 @@ fn put(key: String) -> Request {
     }
 }
 
+/// Removes the benchmark's scratch directory however `main` returns.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = std::env::temp_dir().join(format!("cp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveOnDrop(dir.clone());
     std::env::set_current_dir(&dir)?;
     let mut nodes = cluster(&dir)?;
     let id = TlsIdentity::load(
@@ -338,7 +348,6 @@ async fn main() -> anyhow::Result<()> {
         acked.len()
     );
     drop(nodes);
-    let _ = std::fs::remove_dir_all(&dir);
     anyhow::ensure!(lost == 0, "acknowledged writes lost");
     Ok(())
 }
