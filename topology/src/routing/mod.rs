@@ -97,7 +97,7 @@ impl RouteSet {
             })
             .collect();
         let tables = (0..dense.n)
-            .map(|s| dense.with_backups(s, all[s].clone(), &all, &mut work))
+            .map(|s| dense.with_backups(s, &all, &mut work))
             .collect();
         RouteSet { tables }
     }
@@ -115,18 +115,7 @@ impl RouteSet {
             .map(|s| {
                 let prev = previous.and_then(|p| p.table(dense.ids[s]));
                 let primaries = dense.primaries_for(s, config, prev, &mut work);
-                let entries = primaries
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(d, p)| {
-                        Some(RouteEntry {
-                            destination: dense.ids[d],
-                            primary: dense.to_route(p?),
-                            backup: None,
-                        })
-                    })
-                    .collect();
-                RouteTable::from_computed(dense.ids[s], entries)
+                dense.table(s, &primaries, None)
             })
             .collect();
         RouteSet { tables }
@@ -143,7 +132,7 @@ impl RouteSet {
             .map(|s| dense.fixed_primaries(s, primaries.table(dense.ids[s])))
             .collect();
         let tables = (0..dense.n)
-            .map(|s| dense.with_backups(s, all[s].clone(), &all, &mut work))
+            .map(|s| dense.with_backups(s, &all, &mut work))
             .collect();
         RouteSet { tables }
     }
@@ -298,11 +287,12 @@ struct Workspace {
     two_hop_via: Vec<u32>,
     spare_cost: Vec<f32>,
     spare_via: Vec<u32>,
-    /// `(m, d)`: the primary to `d` runs through `m`, sorted by `m`.
-    on_primary: Vec<(u32, u32)>,
+    /// Per relay `m`: the destinations whose primary runs through `m`.
+    on_primary: Buckets,
     saved: Vec<f32>,
-    /// Destinations in the order backups are computed.
-    visit: Vec<u32>,
+    /// Destinations grouped by their two-hop relay (the last group: those
+    /// without one), the order backups are computed in.
+    visit: Buckets,
     /// Per source: shortest-path trees (parents) avoiding a primary's
     /// transit relays (or, for a direct primary, its link), keyed by
     /// `(transit relays, destination of a direct primary)`: destinations
@@ -322,11 +312,49 @@ impl Workspace {
             two_hop_via: vec![NONE; n],
             spare_cost: vec![f32::INFINITY; n],
             spare_via: vec![NONE; n],
-            on_primary: Vec::with_capacity(2 * n),
+            on_primary: Buckets::default(),
             saved: Vec::with_capacity(n),
-            visit: Vec::with_capacity(n),
+            visit: Buckets::default(),
             avoid_trees: HashMap::new(),
         }
+    }
+}
+
+/// Small integers grouped by a key in `0..keys`: a counting sort, `O(n)`
+/// where a comparison sort showed up in the profile.
+#[derive(Default)]
+struct Buckets {
+    /// Group `k` is `items[start[k]..start[k + 1]]`.
+    start: Vec<u32>,
+    items: Vec<u32>,
+}
+
+impl Buckets {
+    /// Regroups `(key, item)` pairs (items keep their order within a group).
+    fn fill<I: Iterator<Item = (u32, u32)> + Clone>(&mut self, keys: usize, pairs: I) {
+        self.start.clear();
+        self.start.resize(keys + 1, 0);
+        for (k, _) in pairs.clone() {
+            self.start[k as usize + 1] += 1;
+        }
+        for k in 0..keys {
+            self.start[k + 1] += self.start[k];
+        }
+        self.items.clear();
+        self.items.resize(self.start[keys] as usize, 0);
+        // `start[k]` runs ahead while group `k` fills; shifting back
+        // afterwards restores it.
+        for (k, item) in pairs {
+            let slot = &mut self.start[k as usize];
+            self.items[*slot as usize] = item;
+            *slot += 1;
+        }
+        self.start.copy_within(0..keys, 1);
+        self.start[0] = 0;
+    }
+
+    fn group(&self, k: usize) -> &[u32] {
+        &self.items[self.start[k] as usize..self.start[k + 1] as usize]
     }
 }
 
@@ -471,7 +499,7 @@ impl Dense {
         })
     }
 
-    fn to_route(&self, p: Path) -> Route {
+    fn to_route(&self, p: &Path) -> Route {
         Route {
             hops: p.idx.iter().map(|&i| self.ids[i as usize]).collect(),
             metrics: p.metrics,
@@ -670,51 +698,61 @@ impl Dense {
         primaries
     }
 
-    /// Completes primaries with backups into the source's table.
+    /// Completes the source's primaries (`all[s]`) with backups into its
+    /// table.
     fn with_backups(
         &mut self,
         s: usize,
-        primaries: Vec<Option<Path>>,
         all: &[Vec<Option<Path>>],
         work: &mut Workspace,
     ) -> RouteTable {
-        work.on_primary.clear();
+        let n = self.n;
+        let primaries = &all[s];
         work.avoid_trees.clear();
-        for (d, p) in primaries.iter().enumerate() {
-            if let Some(p) = p {
-                work.on_primary
-                    .extend(p.transit().iter().map(|&m| (m, d as u32)));
-            }
-        }
-        work.on_primary.sort_unstable();
+        let transits = primaries.iter().enumerate().flat_map(|(d, p)| {
+            let transit = p.as_ref().map_or(&[][..], |p| p.transit());
+            transit.iter().map(move |&m| (m, d as u32))
+        });
+        work.on_primary.fill(n, transits);
         self.scan_two_hop(s, work);
 
         // Backups, visiting destinations grouped by their two-hop relay so
         // that its row of link metrics is read in one sweep.
-        work.visit.clear();
-        work.visit
-            .extend((0..self.n as u32).filter(|&d| primaries[d as usize].is_some()));
-        work.visit
-            .sort_unstable_by_key(|&d| work.two_hop_via[d as usize]);
-        let mut backups: Vec<Option<Path>> = vec![None; self.n];
-        for i in 0..work.visit.len() {
-            let d = work.visit[i] as usize;
+        let two_hop_via = std::mem::take(&mut work.two_hop_via);
+        let routed = (0..n as u32).filter(|&d| primaries[d as usize].is_some());
+        let by_via = routed.map(|d| (two_hop_via[d as usize].min(n as u32), d));
+        work.visit.fill(n + 1, by_via);
+        work.two_hop_via = two_hop_via;
+        let mut backups: Vec<Option<Path>> = vec![None; n];
+        for i in 0..work.visit.items.len() {
+            let d = work.visit.items[i] as usize;
             if let Some(primary) = &primaries[d] {
                 backups[d] = self.backup_for(s, d, primary, all, work);
             }
         }
-        let entries = primaries
-            .into_iter()
-            .zip(backups)
-            .enumerate()
-            .filter_map(|(d, (primary, backup))| {
-                Some(RouteEntry {
-                    destination: self.ids[d],
-                    primary: self.to_route(primary?),
-                    backup: backup.map(|b| self.to_route(b)),
-                })
-            })
-            .collect();
+        self.table(s, primaries, Some(&backups))
+    }
+
+    /// The source's table from its primaries and, if computed, backups.
+    fn table(
+        &self,
+        s: usize,
+        primaries: &[Option<Path>],
+        backups: Option<&[Option<Path>]>,
+    ) -> RouteTable {
+        // Sized up front: growing a vector of ~100-byte entries one
+        // doubling at a time showed up in the profile.
+        let mut entries = Vec::with_capacity(primaries.iter().flatten().count());
+        for (d, primary) in primaries.iter().enumerate() {
+            let Some(primary) = primary else { continue };
+            entries.push(RouteEntry {
+                destination: self.ids[d],
+                primary: self.to_route(primary),
+                backup: backups
+                    .and_then(|b| b[d].as_ref())
+                    .map(|b| self.to_route(b)),
+            });
+        }
         RouteTable::from_computed(self.ids[s], entries)
     }
 
@@ -727,18 +765,15 @@ impl Dense {
         let n = self.n;
         work.two_hop_cost.fill(f32::INFINITY);
         work.two_hop_via.fill(NONE);
-        let mut excluded = work.on_primary.as_slice();
         for m in 0..n {
-            let split = excluded.partition_point(|&(x, _)| x as usize <= m);
-            let (mine, rest) = excluded.split_at(split);
-            excluded = rest;
+            let mine = work.on_primary.group(m);
             let first = self.cost[s * n + m];
             if m == s || !self.transit[m] || !first.is_finite() {
                 continue;
             }
             let row = &mut self.cost[m * n..(m + 1) * n];
             work.saved.clear();
-            for &(_, d) in mine {
+            for &d in mine {
                 work.saved.push(row[d as usize]);
                 row[d as usize] = f32::INFINITY;
             }
@@ -751,7 +786,7 @@ impl Dense {
                 first,
                 m as u32,
             );
-            for (&(_, d), &saved) in mine.iter().zip(&work.saved) {
+            for (&d, &saved) in mine.iter().zip(&work.saved) {
                 row[d as usize] = saved;
             }
         }
@@ -991,6 +1026,16 @@ mod tests {
 
     fn hops(r: &Route) -> Vec<u32> {
         r.hops.iter().map(|h| h.0).collect()
+    }
+
+    #[test]
+    fn buckets_group_by_key_and_keep_order() {
+        let mut b = Buckets::default();
+        b.fill(4, [(2, 10), (0, 11), (2, 12), (3, 13), (0, 14)].into_iter());
+        let groups: Vec<&[u32]> = (0..4).map(|k| b.group(k)).collect();
+        assert_eq!(groups, [&[11, 14][..], &[], &[10, 12], &[13]]);
+        b.fill(2, std::iter::empty());
+        assert!(b.group(0).is_empty() && b.group(1).is_empty());
     }
 
     #[test]
