@@ -249,9 +249,9 @@ struct Dense {
     /// Link metrics, compact so that more of the matrix stays in cache.
     metrics: Vec<CompactMetrics>,
     model: CostModel,
-    /// Out-links per relay `(to, cost)`, for the backup searches, which in
-    /// a sparse overlay are cheaper over lists than over the matrix.
-    adj: Vec<Vec<(u32, f32)>>,
+    /// Out-neighbours per relay, for the loop-free alternates: in a sparse
+    /// overlay a list is much shorter than a matrix row.
+    neighbours: Vec<Vec<u32>>,
 }
 
 /// [`Metrics`] of one link in single precision.
@@ -442,11 +442,10 @@ impl Dense {
             }
             good
         });
-        let adj = (0..n)
+        let neighbours = (0..n)
             .map(|u| {
-                (0..n)
-                    .filter(|&v| cost[u * n + v].is_finite())
-                    .map(|v| (v as u32, cost[u * n + v]))
+                (0..n as u32)
+                    .filter(|&v| cost[u * n + v as usize].is_finite())
                     .collect()
             })
             .collect();
@@ -458,7 +457,7 @@ impl Dense {
             good_cost,
             metrics,
             model: *model,
-            adj,
+            neighbours,
         }
     }
 
@@ -847,7 +846,7 @@ impl Dense {
         // the primary whose own primary to `d` avoids this relay and the
         // primary's relays and links. O(degree x path length) per pair.
         let mut lfa: Option<Path> = None;
-        for &(v, _) in &self.adj[s] {
+        for &v in &self.neighbours[s] {
             let Some(theirs) = all[v as usize][d].as_ref() else {
                 continue;
             };
@@ -884,7 +883,7 @@ impl Dense {
         let key: SmallVec<[u32; 4]> = transit.iter().map(|&m| m as u32).collect();
         let parent = work.avoid_trees.entry((key, key_d)).or_insert_with(|| {
             let blocked_link = transit.is_empty().then_some((s, d));
-            self.sparse_tree(s, &transit, blocked_link)
+            self.avoid_tree(s, &transit, blocked_link, &mut work.scratch)
         });
         if let Some(idx) = tree_path(parent, s, d)
             && let Some(p) = self.evaluate(idx)
@@ -895,46 +894,50 @@ impl Dense {
     }
 
     /// Shortest-path tree from `s` (parents) entering none of `blocked`
-    /// and not using `blocked_link`: Dijkstra over the adjacency lists.
-    fn sparse_tree(
+    /// and not using `blocked_link` (which leaves `s`). Dense Dijkstra with
+    /// the primaries' vector kernels: in a sparse overlay the missing links
+    /// are infinities that cost the vector loops almost nothing, and this
+    /// measured several times faster than a binary heap over adjacency
+    /// lists at 300 relays with 16 peers each.
+    fn avoid_tree(
         &self,
         s: usize,
         blocked: &[usize],
         blocked_link: Option<(usize, usize)>,
+        t: &mut Tree,
     ) -> Vec<u32> {
-        let mut dist = vec![f32::INFINITY; self.n];
-        let mut parent = vec![NONE; self.n];
-        let mut done = vec![false; self.n];
+        let n = self.n;
+        t.dist.fill(f32::INFINITY);
+        t.parent.fill(NONE);
+        t.dist[s] = 0.0;
         for &b in blocked {
-            done[b] = true;
+            // Looks settled, so it is never entered.
+            t.dist[b] = -0.0;
         }
-        dist[s] = 0.0;
-        // Non-negative f32 costs order like their bit patterns.
-        let mut heap = std::collections::BinaryHeap::new();
-        heap.push(std::cmp::Reverse((0u32, s as u32)));
-        while let Some(std::cmp::Reverse((bits, u))) = heap.pop() {
-            let u = u as usize;
-            if done[u] || f32::from_bits(bits) > dist[u] {
-                continue;
-            }
-            done[u] = true;
+        while let Some(u) = argmin(&t.dist) {
+            let du = t.dist[u];
+            t.dist[u] = -du;
             if u != s && !self.transit[u] {
                 continue;
             }
-            for &(v, c) in &self.adj[u] {
-                let v = v as usize;
-                if done[v] || blocked_link == Some((u, v)) {
-                    continue;
-                }
-                let candidate = dist[u] + c;
-                if candidate < dist[v] {
-                    dist[v] = candidate;
-                    parent[v] = u as u32;
-                    heap.push(std::cmp::Reverse((candidate.to_bits(), v as u32)));
-                }
+            let skipped = blocked_link
+                .filter(|&(from, _)| from == u)
+                .map(|(_, to)| (to, t.dist[to], t.parent[to]));
+            kernels::relax(
+                &mut t.dist,
+                &mut t.parent,
+                &mut t.spare_dist,
+                &mut t.spare_parent,
+                &self.cost[u * n..(u + 1) * n],
+                du,
+                u as u32,
+            );
+            if let Some((to, dist, parent)) = skipped {
+                t.dist[to] = dist;
+                t.parent[to] = parent;
             }
         }
-        parent
+        t.parent.clone()
     }
 
     /// Cheapest path from `s` to `d` that enters none of `nodes` and uses
