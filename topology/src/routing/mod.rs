@@ -31,7 +31,7 @@
 //! `O(n^2)` per source, so `O(n^3)` in all over tight arrays; see the
 //! `routes` benchmark.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
@@ -293,11 +293,13 @@ struct Workspace {
     /// Destinations grouped by their two-hop relay (the last group: those
     /// without one), the order backups are computed in.
     visit: Buckets,
-    /// Per source: shortest-path trees (parents) avoiding a primary's
-    /// transit relays (or, for a direct primary, its link), keyed by
-    /// `(transit relays, destination of a direct primary)`: destinations
-    /// behind the same transit relays share one tree.
-    avoid_trees: HashMap<(SmallVec<[u32; 4]>, u32), Vec<u32>>,
+    /// Destinations whose backup needs a search, grouped by what the
+    /// search avoids: `(transit relays, destination of a direct primary)`.
+    /// Destinations behind the same transit relays share one tree.
+    pending: BTreeMap<(SmallVec<[u32; 4]>, u32), Vec<u32>>,
+    /// Marks the destinations a tree search still has to settle.
+    target: Vec<bool>,
+    fallback: Tree,
 }
 
 impl Workspace {
@@ -315,7 +317,9 @@ impl Workspace {
             on_primary: Buckets::default(),
             saved: Vec::with_capacity(n),
             visit: Buckets::default(),
-            avoid_trees: HashMap::new(),
+            pending: BTreeMap::new(),
+            target: vec![false; n],
+            fallback: Tree::new(n),
         }
     }
 }
@@ -707,7 +711,7 @@ impl Dense {
     ) -> RouteTable {
         let n = self.n;
         let primaries = &all[s];
-        work.avoid_trees.clear();
+        work.pending.clear();
         let transits = primaries.iter().enumerate().flat_map(|(d, p)| {
             let transit = p.as_ref().map_or(&[][..], |p| p.transit());
             transit.iter().map(move |&m| (m, d as u32))
@@ -727,8 +731,42 @@ impl Dense {
             let d = work.visit.items[i] as usize;
             if let Some(primary) = &primaries[d] {
                 backups[d] = self.backup_for(s, d, primary, all, work);
+                if backups[d].is_none() {
+                    // Avoiding every transit relay avoids every primary
+                    // link (each touches one); a direct primary avoids its
+                    // link only.
+                    let transit: SmallVec<[u32; 4]> = primary.transit().iter().copied().collect();
+                    let key_d = if transit.is_empty() { d as u32 } else { NONE };
+                    work.pending
+                        .entry((transit, key_d))
+                        .or_default()
+                        .push(d as u32);
+                }
             }
         }
+        // The rest: one tree per transit set, searched only as far as its
+        // destinations.
+        let pending = std::mem::take(&mut work.pending);
+        for ((transit, key_d), targets) in &pending {
+            let blocked: SmallVec<[usize; 4]> = transit.iter().map(|&m| m as usize).collect();
+            let blocked_link = (*key_d != NONE).then_some((s, *key_d as usize));
+            self.avoid_tree(s, &blocked, blocked_link, targets, work);
+            for &d in targets {
+                let d = d as usize;
+                backups[d] = tree_path(&work.scratch.parent, s, d)
+                    .and_then(|idx| self.evaluate(idx))
+                    .or_else(|| {
+                        let primary = primaries[d].as_ref()?;
+                        let links: SmallVec<[(usize, usize); 4]> = primary
+                            .idx
+                            .windows(2)
+                            .map(|w| (w[0] as usize, w[1] as usize))
+                            .collect();
+                        self.path_avoiding(s, d, &[], &links, &mut work.fallback)
+                    });
+            }
+        }
+        work.pending = pending;
         self.table(s, primaries, Some(&backups))
     }
 
@@ -873,40 +911,30 @@ impl Dense {
                 lfa = Some(p);
             }
         }
-        if lfa.is_some() {
-            return lfa;
-        }
-        // Avoiding every transit relay avoids every primary link (each
-        // touches one), so one tree per transit set answers for all the
-        // destinations behind it; a direct primary avoids its link only.
-        let key_d = if transit.is_empty() { d as u32 } else { NONE };
-        let key: SmallVec<[u32; 4]> = transit.iter().map(|&m| m as u32).collect();
-        let parent = work.avoid_trees.entry((key, key_d)).or_insert_with(|| {
-            let blocked_link = transit.is_empty().then_some((s, d));
-            self.avoid_tree(s, &transit, blocked_link, &mut work.scratch)
-        });
-        if let Some(idx) = tree_path(parent, s, d)
-            && let Some(p) = self.evaluate(idx)
-        {
-            return Some(p);
-        }
-        self.path_avoiding(s, d, &[], &links, &mut work.scratch)
+        lfa
     }
 
-    /// Shortest-path tree from `s` (parents) entering none of `blocked`
-    /// and not using `blocked_link` (which leaves `s`). Dense Dijkstra with
-    /// the primaries' vector kernels: in a sparse overlay the missing links
-    /// are infinities that cost the vector loops almost nothing, and this
-    /// measured several times faster than a binary heap over adjacency
-    /// lists at 300 relays with 16 peers each.
+    /// Shortest-path tree from `s` into `work.scratch` (parents) entering
+    /// none of `blocked` and not using `blocked_link` (which leaves `s`),
+    /// final for every relay settled before the last of `targets`, where
+    /// it stops. Dense Dijkstra with the primaries' vector kernels: in a
+    /// sparse overlay the missing links are infinities the vector loops
+    /// skip cheaply, and it measured no slower than a binary heap over
+    /// adjacency lists at 300 relays with 16 peers each.
     fn avoid_tree(
         &self,
         s: usize,
         blocked: &[usize],
         blocked_link: Option<(usize, usize)>,
-        t: &mut Tree,
-    ) -> Vec<u32> {
+        targets: &[u32],
+        work: &mut Workspace,
+    ) {
         let n = self.n;
+        let t = &mut work.scratch;
+        let mut left = targets.len();
+        for &d in targets {
+            work.target[d as usize] = true;
+        }
         t.dist.fill(f32::INFINITY);
         t.parent.fill(NONE);
         t.dist[s] = 0.0;
@@ -917,6 +945,13 @@ impl Dense {
         while let Some(u) = argmin(&t.dist) {
             let du = t.dist[u];
             t.dist[u] = -du;
+            if work.target[u] {
+                work.target[u] = false;
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
             if u != s && !self.transit[u] {
                 continue;
             }
@@ -937,7 +972,10 @@ impl Dense {
                 t.parent[to] = parent;
             }
         }
-        t.parent.clone()
+        // Targets never reached stay marked.
+        for &d in targets {
+            work.target[d as usize] = false;
+        }
     }
 
     /// Cheapest path from `s` to `d` that enters none of `nodes` and uses
