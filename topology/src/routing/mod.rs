@@ -14,9 +14,13 @@
 //! # Backups
 //! The backup of a pair shares no link with its primary and, where the graph
 //! allows, no transit relay. It is the cheapest of the direct link and the
-//! two-hop paths through a relay off the primary; only when none exists does
+//! two-hop paths through a relay off the primary; failing those, the best
+//! loop-free alternate (RFC 5286: a neighbour whose own primary avoids this
+//! relay and the primary's relays and links); only when none exists does
 //! the router search longer paths (first avoiding the primary's transit
-//! relays and links, then only its links). In a mesh that search is rare.
+//! relays and links, then only its links). In a mesh that search is rare;
+//! in a sparse overlay it is common, so destinations behind the same
+//! transit relays share one search, which stops once they are settled.
 //!
 //! # Hysteresis
 //! With the previous route set given, a pair keeps its current primary
