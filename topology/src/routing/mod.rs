@@ -297,12 +297,9 @@ struct Workspace {
     /// Destinations grouped by their two-hop relay (the last group: those
     /// without one), the order backups are computed in.
     visit: Buckets,
-    /// Destinations whose backup needs a search, grouped by what the
-    /// search avoids: `(transit relays, destination of a direct primary)`.
-    /// Destinations behind the same transit relays share one tree.
-    pending: BTreeMap<(SmallVec<[u32; 4]>, u32), Vec<u32>>,
     /// Marks the destinations a tree search still has to settle.
     target: Vec<bool>,
+    /// For the last-resort search while `scratch` holds a shared tree.
     fallback: Tree,
 }
 
@@ -321,7 +318,6 @@ impl Workspace {
             on_primary: Buckets::default(),
             saved: Vec::with_capacity(n),
             visit: Buckets::default(),
-            pending: BTreeMap::new(),
             target: vec![false; n],
             fallback: Tree::new(n),
         }
@@ -715,7 +711,6 @@ impl Dense {
     ) -> RouteTable {
         let n = self.n;
         let primaries = &all[s];
-        work.pending.clear();
         let transits = primaries.iter().enumerate().flat_map(|(d, p)| {
             let transit = p.as_ref().map_or(&[][..], |p| p.transit());
             transit.iter().map(move |&m| (m, d as u32))
@@ -725,12 +720,14 @@ impl Dense {
 
         // Backups, visiting destinations grouped by their two-hop relay so
         // that its row of link metrics is read in one sweep.
-        let two_hop_via = std::mem::take(&mut work.two_hop_via);
+        let via = &work.two_hop_via;
         let routed = (0..n as u32).filter(|&d| primaries[d as usize].is_some());
-        let by_via = routed.map(|d| (two_hop_via[d as usize].min(n as u32), d));
-        work.visit.fill(n + 1, by_via);
-        work.two_hop_via = two_hop_via;
+        work.visit
+            .fill(n + 1, routed.map(|d| (via[d as usize].min(n as u32), d)));
         let mut backups: Vec<Option<Path>> = vec![None; n];
+        // Destinations whose backup needs a search, grouped by what it
+        // avoids: `(transit relays, destination of a direct primary)`.
+        let mut pending: BTreeMap<(SmallVec<[u32; 4]>, u32), Vec<u32>> = BTreeMap::new();
         for i in 0..work.visit.items.len() {
             let d = work.visit.items[i] as usize;
             if let Some(primary) = &primaries[d] {
@@ -741,36 +738,39 @@ impl Dense {
                     // link only.
                     let transit: SmallVec<[u32; 4]> = primary.transit().iter().copied().collect();
                     let key_d = if transit.is_empty() { d as u32 } else { NONE };
-                    work.pending
-                        .entry((transit, key_d))
-                        .or_default()
-                        .push(d as u32);
+                    pending.entry((transit, key_d)).or_default().push(d as u32);
                 }
             }
         }
         // The rest: one tree per transit set, searched only as far as its
         // destinations.
-        let pending = std::mem::take(&mut work.pending);
         for ((transit, key_d), targets) in &pending {
             let blocked: SmallVec<[usize; 4]> = transit.iter().map(|&m| m as usize).collect();
-            let blocked_link = (*key_d != NONE).then_some((s, *key_d as usize));
-            self.avoid_tree(s, &blocked, blocked_link, targets, work);
+            let direct_link: &[(usize, usize)] = if *key_d == NONE {
+                &[]
+            } else {
+                &[(s, *key_d as usize)]
+            };
+            let (tree, marks) = (&mut work.scratch, &mut work.target);
+            self.avoid_tree(s, &blocked, direct_link, targets, tree, marks);
             for &d in targets {
                 let d = d as usize;
                 backups[d] = tree_path(&work.scratch.parent, s, d)
                     .and_then(|idx| self.evaluate(idx))
                     .or_else(|| {
+                        // Last resort: keep off the primary's links only.
                         let primary = primaries[d].as_ref()?;
                         let links: SmallVec<[(usize, usize); 4]> = primary
                             .idx
                             .windows(2)
                             .map(|w| (w[0] as usize, w[1] as usize))
                             .collect();
-                        self.path_avoiding(s, d, &[], &links, &mut work.fallback)
+                        let (tree, marks) = (&mut work.fallback, &mut work.target);
+                        self.avoid_tree(s, &[], &links, &[d as u32], tree, marks);
+                        self.evaluate(tree_path(&work.fallback.parent, s, d)?)
                     });
             }
         }
-        work.pending = pending;
         self.table(s, primaries, Some(&backups))
     }
 
@@ -918,26 +918,26 @@ impl Dense {
         lfa
     }
 
-    /// Shortest-path tree from `s` into `work.scratch` (parents) entering
-    /// none of `blocked` and not using `blocked_link` (which leaves `s`),
-    /// final for every relay settled before the last of `targets`, where
-    /// it stops. Dense Dijkstra with the primaries' vector kernels: in a
-    /// sparse overlay the missing links are infinities the vector loops
-    /// skip cheaply, and it measured no slower than a binary heap over
-    /// adjacency lists at 300 relays with 16 peers each.
+    /// Shortest-path tree from `s` into `t` (parents) entering none of
+    /// `blocked` and using none of `blocked_links`, final for every relay
+    /// settled before the last of `targets`, where it stops. `marks` is
+    /// all false, and is left so. Dense Dijkstra with the primaries' vector
+    /// kernels: in a sparse overlay the missing links are infinities the
+    /// vector loops skip cheaply (against a binary heap over adjacency
+    /// lists the difference was within this machine's noise).
     fn avoid_tree(
         &self,
         s: usize,
         blocked: &[usize],
-        blocked_link: Option<(usize, usize)>,
+        blocked_links: &[(usize, usize)],
         targets: &[u32],
-        work: &mut Workspace,
+        t: &mut Tree,
+        marks: &mut [bool],
     ) {
         let n = self.n;
-        let t = &mut work.scratch;
         let mut left = targets.len();
         for &d in targets {
-            work.target[d as usize] = true;
+            marks[d as usize] = true;
         }
         t.dist.fill(f32::INFINITY);
         t.parent.fill(NONE);
@@ -949,8 +949,8 @@ impl Dense {
         while let Some(u) = argmin(&t.dist) {
             let du = t.dist[u];
             t.dist[u] = -du;
-            if work.target[u] {
-                work.target[u] = false;
+            if marks[u] {
+                marks[u] = false;
                 left -= 1;
                 if left == 0 {
                     break;
@@ -959,9 +959,12 @@ impl Dense {
             if u != s && !self.transit[u] {
                 continue;
             }
-            let skipped = blocked_link
-                .filter(|&(from, _)| from == u)
-                .map(|(_, to)| (to, t.dist[to], t.parent[to]));
+            // A blocked link is relaxed with the rest and then undone.
+            let undo: SmallVec<[(usize, f32, u32); 4]> = blocked_links
+                .iter()
+                .filter(|&&(from, _)| from == u)
+                .map(|&(_, to)| (to, t.dist[to], t.parent[to]))
+                .collect();
             kernels::relax(
                 &mut t.dist,
                 &mut t.parent,
@@ -971,53 +974,15 @@ impl Dense {
                 du,
                 u as u32,
             );
-            if let Some((to, dist, parent)) = skipped {
+            for (to, dist, parent) in undo {
                 t.dist[to] = dist;
                 t.parent[to] = parent;
             }
         }
         // Targets never reached stay marked.
         for &d in targets {
-            work.target[d as usize] = false;
+            marks[d as usize] = false;
         }
-    }
-
-    /// Cheapest path from `s` to `d` that enters none of `nodes` and uses
-    /// none of `links`.
-    fn path_avoiding(
-        &self,
-        s: usize,
-        d: usize,
-        nodes: &[usize],
-        links: &[(usize, usize)],
-        t: &mut Tree,
-    ) -> Option<Path> {
-        let n = self.n;
-        t.dist.fill(f32::INFINITY);
-        t.parent.fill(NONE);
-        t.dist[s] = 0.0;
-        for &b in nodes {
-            // Blocked: looks settled, so it is never entered.
-            t.dist[b] = -0.0;
-        }
-        while let Some(u) = argmin(&t.dist) {
-            let du = t.dist[u];
-            t.dist[u] = -du;
-            if u == d {
-                return self.evaluate(t.path_idx(s, d));
-            }
-            if u != s && !self.transit[u] {
-                continue;
-            }
-            for v in 0..n {
-                let candidate = du + self.cost[u * n + v];
-                if candidate < t.dist[v] && !links.contains(&(u, v)) {
-                    t.dist[v] = candidate;
-                    t.parent[v] = u as u32;
-                }
-            }
-        }
-        None
     }
 }
 
