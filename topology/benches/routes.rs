@@ -1,5 +1,6 @@
 //! Full route recomputation (primary + backup for every ordered pair) on
-//! synthetic world-like full meshes of 100, 300 and 1,000 relays.
+//! synthetic world-like full meshes of 100, 300 and 1,000 relays, and on
+//! sparse overlays (about 16 links per relay, hubs) of 300 and 1,000.
 //!
 //! Relays sit at random points on the globe. Each directed link's RTT is the
 //! great-circle fiber delay (1 ms per 100 km of round trip) times a random
@@ -18,7 +19,7 @@ use topology::{RouteSet, RoutingConfig};
 
 #[path = "support/mesh.rs"]
 mod mesh;
-use mesh::synthetic_mesh;
+use mesh::{synthetic_mesh, synthetic_overlay};
 
 fn bench_routes(c: &mut Criterion) {
     let config = RoutingConfig::default();
@@ -52,6 +53,18 @@ fn bench_routes(c: &mut Criterion) {
             100.0 * multi_hop as f64 / first.pair_count() as f64,
             100.0 * with_backup as f64 / first.pair_count() as f64,
         );
+    }
+    group.finish();
+
+    // The simulator's kind of overlay: about 16 links per relay, hubs.
+    let mut group = c.benchmark_group("sparse_overlay");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    for n in [300u32, 1000] {
+        let g = synthetic_overlay(n, 42);
+        group.bench_with_input(BenchmarkId::new("cold", n), &g, |b, g| {
+            b.iter(|| black_box(RouteSet::compute(g, &config, None)))
+        });
     }
     group.finish();
 }

@@ -1,5 +1,6 @@
-//! Quick timing of a full recomputation on the bench's synthetic mesh:
-//! `cargo run -p topology --release --example route_timing -- 300 5`.
+//! Quick timing of a full recomputation on the bench's synthetic mesh, or
+//! with a third argument `overlay` on its sparse overlay:
+//! `cargo run -p topology --release --example route_timing -- 300 5 [overlay]`.
 //! It also prints a digest of the routes (every hop, cost and flag of
 //! every primary and backup), so that two commits can be shown to compute
 //! the same routes.
@@ -15,7 +16,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(300);
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
-    let g = mesh::synthetic_mesh(n, 42);
+    let g = match args.next().as_deref() {
+        Some("overlay") => mesh::synthetic_overlay(n, 42),
+        _ => mesh::synthetic_mesh(n, 42),
+    };
     let config = RoutingConfig::default();
     let mut best = f64::INFINITY;
     let mut routes = RouteSet::default();
@@ -25,7 +29,8 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
     }
     println!(
-        "n={n}: best of {runs}: {:.1} ms; routes digest {:016x}",
+        "n={n}, {} links: best of {runs}: {:.1} ms; routes digest {:016x}",
+        g.link_count(),
         best * 1e3,
         digest(&routes)
     );

@@ -43,14 +43,26 @@ fn metrics() -> impl Strategy<Value = Metrics> {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (2usize..9).prop_flat_map(|n| {
+    graph_case(2..9, 0.6)
+}
+
+/// Larger and sparser: long primaries, few two-hop detours, so that most
+/// backups come from the tree searches.
+fn sparse_case() -> impl Strategy<Value = Case> {
+    graph_case(12..28, 0.15)
+}
+
+fn graph_case(relays: std::ops::Range<usize>, link_chance: f64) -> impl Strategy<Value = Case> {
+    relays.prop_flat_map(move |n| {
         let state = prop_oneof![8 => Just(RelayState::Active), 1 => Just(RelayState::Draining), 1 => Just(RelayState::Down)];
         let pairs: Vec<(u32, u32)> = (0..n as u32)
             .flat_map(|a| (0..n as u32).filter(move |&b| b != a).map(move |b| (a, b)))
             .collect();
         let links = pairs
             .into_iter()
-            .map(|(a, b)| proptest::option::weighted(0.6, metrics()).prop_map(move |m| m.map(|m| (a, b, m))))
+            .map(move |(a, b)| {
+                proptest::option::weighted(link_chance, metrics()).prop_map(move |m| m.map(|m| (a, b, m)))
+            })
             .collect::<Vec<_>>();
         (prop::collection::vec(state, n), links).prop_map(|(states, links)| Case {
             states,
@@ -59,14 +71,14 @@ fn case() -> impl Strategy<Value = Case> {
     })
 }
 
-/// Cheapest path from `s` to `d` over links accepted by `usable`, through
-/// relays that allow transit; Bellman-Ford on `f64`.
+/// Cheapest path from `s` to `d` over links `(from, to, metrics)` accepted
+/// by `usable`, through relays that allow transit; Bellman-Ford on `f64`.
 fn reference_path(
     g: &Graph,
     model: &CostModel,
     s: RelayId,
     d: RelayId,
-    usable: impl Fn(&Metrics) -> bool,
+    usable: impl Fn(RelayId, RelayId, &Metrics) -> bool,
 ) -> Option<Vec<RelayId>> {
     let relays: Vec<(RelayId, RelayState)> =
         g.relays().filter(|(_, st)| st.allows_endpoint()).collect();
@@ -83,7 +95,7 @@ fn reference_path(
                 continue;
             }
             for (v, m) in g.links_from(u) {
-                if !g.state(v).unwrap().allows_endpoint() || !usable(m) || v == s {
+                if !g.state(v).unwrap().allows_endpoint() || !usable(u, v, m) || v == s {
                     continue;
                 }
                 let c = du + model.link_cost(m);
@@ -113,8 +125,9 @@ fn quality(g: &Graph, model: &CostModel, path: &[RelayId]) -> (bool, f64) {
 }
 
 fn reference_best(g: &Graph, model: &CostModel, s: RelayId, d: RelayId) -> Option<(bool, f64)> {
-    let full = reference_path(g, model, s, d, |_| true).map(|p| quality(g, model, &p));
-    let good = reference_path(g, model, s, d, |m| !model.is_poor(m)).map(|p| quality(g, model, &p));
+    let full = reference_path(g, model, s, d, |_, _, _| true).map(|p| quality(g, model, &p));
+    let good =
+        reference_path(g, model, s, d, |_, _, m| !model.is_poor(m)).map(|p| quality(g, model, &p));
     let direct = g.path_metrics(&[s, d]).map(|_| quality(g, model, &[s, d]));
     [full, good, direct]
         .into_iter()
@@ -220,6 +233,43 @@ proptest! {
                     None => prop_assert!(!exists_avoiding(&g, s, d, &links, &[]),
                         "{}->{}: a link-disjoint path exists but no backup", s, d),
                 }
+            }
+        }
+    }
+
+    /// A backup that is not the direct link, a two-hop path or a
+    /// neighbour's primary (a loop-free alternate) came from a search: it
+    /// must be the cheapest path avoiding the primary's transit relays and
+    /// links, or, when there is none, the cheapest avoiding its links.
+    /// (Checked once: 345 of 400 generated graphs had such backups, 38
+    /// each on average.)
+    #[test]
+    fn searched_backups_are_the_cheapest_detours(case in sparse_case()) {
+        let g = case.graph();
+        let config = RoutingConfig::default();
+        let model = config.cost;
+        let routes = RouteSet::compute(&g, &config, None);
+        for table in routes.tables() {
+            let s = table.source();
+            for entry in table.entries() {
+                let Some(backup) = &entry.backup else { continue };
+                let d = entry.destination;
+                let hops = &backup.hops;
+                let neighbours_primary = routes
+                    .route(hops[1], d)
+                    .is_some_and(|e| e.primary.hops[..] == hops[1..]);
+                if hops.len() <= 3 || neighbours_primary {
+                    continue;
+                }
+                let links: Vec<_> = entry.primary.links().collect();
+                let transit = entry.primary.transit().to_vec();
+                let off_links = |u, v| !links.contains(&(u, v));
+                let detour = reference_path(&g, &model, s, d, |u, v, _| off_links(u, v) && !transit.contains(&v))
+                    .or_else(|| reference_path(&g, &model, s, d, |u, v, _| off_links(u, v)))
+                    .expect("a backup exists, so a detour does");
+                let cost = quality(&g, &model, &detour).1;
+                prop_assert!((backup.cost - cost).abs() < TOLERANCE,
+                    "{}->{}: backup {:?} costs {}, detour {:?} costs {}", s, d, hops, backup.cost, detour, cost);
             }
         }
     }

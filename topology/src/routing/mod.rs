@@ -19,8 +19,12 @@
 //! relay and the primary's relays and links); only when none exists does
 //! the router search longer paths (first avoiding the primary's transit
 //! relays and links, then only its links). In a mesh that search is rare;
-//! in a sparse overlay it is common, so destinations behind the same
-//! transit relays share one search, which stops once they are settled.
+//! in a sparse overlay it is common, so it is made cheap: destinations
+//! behind the same transit relays share one search; a search repairs the
+//! source's unrestricted shortest-path tree (only the relays below a
+//! blocked relay or link are searched again); and the tree avoiding
+//! `[a, b]` is repaired from the one avoiding `[a]`, so a hub carrying half
+//! the tree is searched around once per source, not once per transit set.
 //!
 //! # Hysteresis
 //! With the previous route set given, a pair keeps its current primary
@@ -253,9 +257,11 @@ struct Dense {
     /// Link metrics, compact so that more of the matrix stays in cache.
     metrics: Vec<CompactMetrics>,
     model: CostModel,
-    /// Out-neighbours per relay, for the loop-free alternates: in a sparse
-    /// overlay a list is much shorter than a matrix row.
+    /// Out- and in-neighbours per relay, for the loop-free alternates and
+    /// for repairing trees: in a sparse overlay a list is much shorter than
+    /// a matrix row or column.
     neighbours: Vec<Vec<u32>>,
+    in_neighbours: Vec<Vec<u32>>,
 }
 
 /// [`Metrics`] of one link in single precision.
@@ -281,10 +287,7 @@ struct Workspace {
     full: Tree,
     good: Tree,
     scratch: Tree,
-    /// Relays whose cheapest path crosses a poor link, and their tentative
-    /// distances in the non-poor subgraph.
-    poor_set: Vec<usize>,
-    poor_keys: Vec<f32>,
+    repair: Repair,
     /// Cheapest two-hop path to each destination off its primary: cost and
     /// intermediate relay.
     two_hop_cost: Vec<f32>,
@@ -298,9 +301,11 @@ struct Workspace {
     /// without one), the order backups are computed in.
     visit: Buckets,
     /// Marks the destinations a tree search still has to settle.
-    target: Vec<bool>,
+
     /// For the last-resort search while `scratch` holds a shared tree.
     fallback: Tree,
+    /// Trees avoiding ever longer prefixes of a transit set.
+    levels: Vec<Tree>,
 }
 
 impl Workspace {
@@ -309,8 +314,13 @@ impl Workspace {
             full: Tree::new(n),
             good: Tree::new(n),
             scratch: Tree::new(n),
-            poor_set: Vec::with_capacity(n),
-            poor_keys: Vec::with_capacity(n),
+            repair: Repair {
+                affected: Vec::with_capacity(n),
+                keys: Vec::with_capacity(n),
+                cut: vec![false; n],
+                slot: vec![NONE; n],
+                marks: vec![false; n],
+            },
             two_hop_cost: vec![f32::INFINITY; n],
             two_hop_via: vec![NONE; n],
             spare_cost: vec![f32::INFINITY; n],
@@ -318,10 +328,25 @@ impl Workspace {
             on_primary: Buckets::default(),
             saved: Vec::with_capacity(n),
             visit: Buckets::default(),
-            target: vec![false; n],
             fallback: Tree::new(n),
+            levels: Vec::new(),
         }
     }
+}
+
+/// Scratch for [`Dense::research`]: the relays whose path in a base tree
+/// is not allowed in the tree being built from it, their tentative
+/// distances, and a mark per relay that is cut off (all false between
+/// uses).
+struct Repair {
+    affected: Vec<usize>,
+    keys: Vec<f32>,
+    cut: Vec<bool>,
+    /// Position of an affected relay in `affected` (`NONE` otherwise).
+    slot: Vec<u32>,
+    /// Marks the relays a search still has to settle (all false between
+    /// uses).
+    marks: Vec<bool>,
 }
 
 /// Small integers grouped by a key in `0..keys`: a counting sort, `O(n)`
@@ -446,13 +471,19 @@ impl Dense {
             }
             good
         });
-        let neighbours = (0..n)
+        let neighbours: Vec<Vec<u32>> = (0..n)
             .map(|u| {
                 (0..n as u32)
                     .filter(|&v| cost[u * n + v as usize].is_finite())
                     .collect()
             })
             .collect();
+        let mut in_neighbours = vec![Vec::new(); n];
+        for (u, out) in neighbours.iter().enumerate() {
+            for &v in out {
+                in_neighbours[v as usize].push(u as u32);
+            }
+        }
         Dense {
             n,
             ids,
@@ -462,6 +493,7 @@ impl Dense {
             metrics,
             model: *model,
             neighbours,
+            in_neighbours,
         }
     }
 
@@ -569,13 +601,15 @@ impl Dense {
             return false;
         };
         let n = self.n;
-        let (full, good) = (&work.full, &mut work.good);
-        let poor_set = &mut work.poor_set;
-        poor_set.clear();
-        poor_set.extend((0..n).filter(|&v| full.uses_poor[v] && full.reachable(v)));
-        if poor_set.is_empty() {
+        let full = &work.full;
+        work.repair.affected.clear();
+        work.repair
+            .affected
+            .extend((0..n).filter(|&v| full.uses_poor[v] && full.reachable(v)));
+        if work.repair.affected.is_empty() {
             return false;
         }
+        let mut good = std::mem::replace(&mut work.good, Tree::new(0));
         good.dist.copy_from_slice(&full.dist);
         good.parent.copy_from_slice(&full.parent);
         good.metrics.copy_from_slice(&full.metrics);
@@ -583,50 +617,103 @@ impl Dense {
         good.order.clear();
         good.order
             .extend(full.order.iter().filter(|&&v| !full.uses_poor[v as usize]));
-        for &v in poor_set.iter() {
+        for &v in &work.repair.affected {
+            work.repair.cut[v] = true;
             good.dist[v] = f32::INFINITY;
             good.parent[v] = NONE;
         }
-        // Tentative distances from every settled relay that may forward...
-        let keys = &mut work.poor_keys;
+        let kept = good.order.len();
+        self.research(s, costs, &mut good, &mut work.repair, &[], false);
+        for &v in &work.repair.affected {
+            work.repair.cut[v] = false;
+        }
+        for &v in &good.order[kept..] {
+            let (v, p) = (v as usize, good.parent[v as usize] as usize);
+            good.metrics[v] = good.metrics[p].then(&self.metrics[p * n + v].widen());
+        }
+        work.good = good;
+        true
+    }
+
+    /// Searches again the relays of `repair.affected`, which are marked in
+    /// `repair.cut` (so are any relays that must not be entered at all) and
+    /// reset to unreached in `t`; every other relay reached in `t` keeps
+    /// its distance and path. Each affected relay starts from its cheapest
+    /// link from a kept relay, then Dijkstra runs among them, appending
+    /// them to `t.order` as they settle, without `blocked_links`; with
+    /// `stop_early`, only until every relay marked in `repair.marks` is
+    /// settled.
+    fn research(
+        &self,
+        s: usize,
+        costs: &[f32],
+        t: &mut Tree,
+        repair: &mut Repair,
+        blocked_links: &[(usize, usize)],
+        stop_early: bool,
+    ) {
+        let n = self.n;
+        let Repair {
+            affected,
+            keys,
+            cut,
+            slot,
+            marks,
+        } = repair;
+        let mut left = affected.iter().filter(|&&v| marks[v]).count();
+        if stop_early && left == 0 {
+            return;
+        }
+        let forwards = |u: usize| u == s || self.transit[u];
         keys.clear();
-        keys.resize(poor_set.len(), f32::INFINITY);
-        for &u in &good.order {
-            let u = u as usize;
-            if u != s && !self.transit[u] {
-                continue;
-            }
-            let (du, row) = (good.dist[u], &costs[u * n..(u + 1) * n]);
-            for (k, &v) in keys.iter_mut().zip(poor_set.iter()) {
-                let candidate = du + row[v];
+        keys.resize(affected.len(), f32::INFINITY);
+        for (i, &v) in affected.iter().enumerate() {
+            slot[v] = i as u32;
+        }
+        for (k, &v) in keys.iter_mut().zip(affected.iter()) {
+            for &u in &self.in_neighbours[v] {
+                let u = u as usize;
+                if cut[u] || !forwards(u) || blocked_links.contains(&(u, v)) {
+                    continue;
+                }
+                let candidate = t.dist[u] + costs[u * n + v];
                 if candidate < *k {
                     *k = candidate;
-                    good.parent[v] = u as u32;
+                    t.parent[v] = u as u32;
                 }
             }
         }
-        // ...then Dijkstra among the remaining relays.
         while let Some(i) = argmin(keys) {
-            let u = poor_set[i];
+            let u = affected[i];
             let du = keys[i];
             keys[i] = f32::INFINITY;
-            good.dist[u] = du;
-            good.order.push(u as u32);
-            let p = good.parent[u] as usize;
-            good.metrics[u] = good.metrics[p].then(&self.metrics[p * n + u].widen());
-            if !self.transit[u] {
+            t.dist[u] = du;
+            t.order.push(u as u32);
+            if stop_early && marks[u] {
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
+            if !forwards(u) {
                 continue;
             }
-            let row = &costs[u * n..(u + 1) * n];
-            for (k, &v) in keys.iter_mut().zip(poor_set.iter()) {
-                let candidate = du + row[v];
-                if candidate < *k && candidate < good.dist[v] {
+            for &v in &self.neighbours[u] {
+                let (v, i) = (v as usize, slot[v as usize]);
+                if i == NONE {
+                    continue;
+                }
+                let candidate = du + costs[u * n + v];
+                let k = &mut keys[i as usize];
+                if candidate < *k && candidate < t.dist[v] && !blocked_links.contains(&(u, v)) {
                     *k = candidate;
-                    good.parent[v] = u as u32;
+                    t.parent[v] = u as u32;
                 }
             }
         }
-        true
+        for &v in affected.iter() {
+            slot[v] = NONE;
+        }
     }
 
     /// The given table's primaries, re-evaluated on this graph; entries
@@ -725,50 +812,109 @@ impl Dense {
         work.visit
             .fill(n + 1, routed.map(|d| (via[d as usize].min(n as u32), d)));
         let mut backups: Vec<Option<Path>> = vec![None; n];
-        // Destinations whose backup needs a search, grouped by what it
-        // avoids: `(transit relays, destination of a direct primary)`.
-        let mut pending: BTreeMap<(SmallVec<[u32; 4]>, u32), Vec<u32>> = BTreeMap::new();
+        let mut without: Vec<u32> = Vec::new();
         for i in 0..work.visit.items.len() {
             let d = work.visit.items[i] as usize;
             if let Some(primary) = &primaries[d] {
-                backups[d] = self.backup_for(s, d, primary, all, work);
+                backups[d] = self.short_backup(s, d, primary, work);
                 if backups[d].is_none() {
-                    // Avoiding every transit relay avoids every primary
-                    // link (each touches one); a direct primary avoids its
-                    // link only.
-                    let transit: SmallVec<[u32; 4]> = primary.transit().iter().copied().collect();
-                    let key_d = if transit.is_empty() { d as u32 } else { NONE };
-                    pending.entry((transit, key_d)).or_default().push(d as u32);
+                    without.push(d as u32);
                 }
             }
         }
-        // The rest: one tree per transit set, searched only as far as its
-        // destinations.
-        for ((transit, key_d), targets) in &pending {
-            let blocked: SmallVec<[usize; 4]> = transit.iter().map(|&m| m as usize).collect();
-            let direct_link: &[(usize, usize)] = if *key_d == NONE {
-                &[]
-            } else {
-                &[(s, *key_d as usize)]
-            };
-            let (tree, marks) = (&mut work.scratch, &mut work.target);
-            self.avoid_tree(s, &blocked, direct_link, targets, tree, marks);
-            for &d in targets {
+        // Loop-free alternates (IP fast reroute, RFC 5286) for the rest: a
+        // neighbour off the primary whose own primary avoids this relay and
+        // the primary's relays and links. Neighbour by neighbour, so that
+        // each one's primaries are read in one sweep: the other way round
+        // every check was a cache miss.
+        without.sort_unstable();
+        for &v in &self.neighbours[s] {
+            if !self.transit[v as usize] {
+                continue;
+            }
+            for &d in &without {
                 let d = d as usize;
-                backups[d] = tree_path(&work.scratch.parent, s, d)
-                    .and_then(|idx| self.evaluate(idx))
-                    .or_else(|| {
-                        // Last resort: keep off the primary's links only.
-                        let primary = primaries[d].as_ref()?;
-                        let links: SmallVec<[(usize, usize); 4]> = primary
-                            .idx
-                            .windows(2)
-                            .map(|w| (w[0] as usize, w[1] as usize))
-                            .collect();
-                        let (tree, marks) = (&mut work.fallback, &mut work.target);
-                        self.avoid_tree(s, &[], &links, &[d as u32], tree, marks);
-                        self.evaluate(tree_path(&work.fallback.parent, s, d)?)
-                    });
+                let (Some(primary), Some(theirs)) = (&primaries[d], &all[v as usize][d]) else {
+                    continue;
+                };
+                if let Some(p) = self.loop_free_alternate(s, v as usize, primary, theirs)
+                    && backups[d].as_ref().is_none_or(|b| p.beats(b))
+                {
+                    backups[d] = Some(p);
+                }
+            }
+        }
+        // Destinations whose backup needs a search, grouped by what it
+        // avoids: `(transit relays, destination of a direct primary)`.
+        let mut pending: BTreeMap<(SmallVec<[u32; 4]>, u32), Vec<u32>> = BTreeMap::new();
+        for &d in &without {
+            let d = d as usize;
+            if let (None, Some(primary)) = (&backups[d], &primaries[d]) {
+                // Avoiding every transit relay avoids every primary link
+                // (each touches one); a direct primary avoids its link only.
+                let transit: SmallVec<[u32; 4]> = primary.transit().iter().copied().collect();
+                let key_d = if transit.is_empty() { d as u32 } else { NONE };
+                pending.entry((transit, key_d)).or_default().push(d as u32);
+            }
+        }
+        if pending.is_empty() {
+            return self.table(s, primaries, Some(&backups));
+        }
+        // One tree per transit set, each repaired from the tree avoiding
+        // the set's longest prefix that has one: the sets come in
+        // lexicographic order, so `[a]`, `[a, b]`, `[a, b, c]` are built one
+        // from the other while `levels[k]` avoids `chain[..=k]`. In a
+        // sparse overlay the first transit relay is often a hub below which
+        // half the tree hangs; it is searched again once per first relay,
+        // not once per transit set.
+        let Workspace {
+            full,
+            scratch,
+            fallback,
+            repair,
+            levels,
+            ..
+        } = work;
+        self.shortest_tree(&self.cost, s, full);
+        let mut chain: SmallVec<[u32; 4]> = SmallVec::new();
+        let settle = |d: usize, tree: &Tree, fallback: &mut Tree, repair: &mut Repair| {
+            tree_path(&tree.parent, s, d)
+                .and_then(|idx| self.evaluate(idx))
+                .or_else(|| {
+                    // Last resort: keep off the primary's links only.
+                    let links: SmallVec<[(usize, usize); 4]> = primaries[d]
+                        .as_ref()?
+                        .idx
+                        .windows(2)
+                        .map(|w| (w[0] as usize, w[1] as usize))
+                        .collect();
+                    self.avoid_tree(s, &[], &links, &[d as u32], full, fallback, repair);
+                    self.evaluate(tree_path(&fallback.parent, s, d)?)
+                })
+        };
+        for ((transit, direct_to), targets) in &pending {
+            let tree = if transit.is_empty() {
+                let direct_link = [(s, *direct_to as usize)];
+                self.avoid_tree(s, &[], &direct_link, targets, full, scratch, repair);
+                &*scratch
+            } else {
+                let shared = chain.iter().zip(transit).take_while(|(a, b)| a == b);
+                chain.truncate(shared.count());
+                while chain.len() < transit.len() {
+                    let k = chain.len();
+                    if levels.len() <= k {
+                        levels.push(Tree::new(self.n));
+                    }
+                    let (done, next) = levels.split_at_mut(k);
+                    let base = done.last().unwrap_or(full);
+                    let blocked = [transit[k] as usize];
+                    self.avoid_tree(s, &blocked, &[], &[], base, &mut next[0], repair);
+                    chain.push(transit[k]);
+                }
+                &levels[transit.len() - 1]
+            };
+            for &d in targets {
+                backups[d as usize] = settle(d as usize, tree, fallback, repair);
             }
         }
         self.table(s, primaries, Some(&backups))
@@ -833,155 +979,118 @@ impl Dense {
         }
     }
 
-    fn backup_for(
-        &self,
-        s: usize,
-        d: usize,
-        primary: &Path,
-        all: &[Vec<Option<Path>>],
-        work: &mut Workspace,
-    ) -> Option<Path> {
-        let mut best: Option<Path> = None;
-        let mut consider = |p: Option<Path>| {
-            if let Some(p) = p
-                && best.as_ref().is_none_or(|b| p.beats(b))
-            {
-                best = Some(p);
-            }
-        };
-        // The direct link (unless it is the primary) and the best two-hop
-        // path off the primary, built from what the scan already knows.
+    /// The cheaper of the direct link (unless it is the primary) and the
+    /// best two-hop path off the primary, built from what the scan already
+    /// knows.
+    fn short_backup(&self, s: usize, d: usize, primary: &Path, work: &Workspace) -> Option<Path> {
         let n = self.n;
+        let mut best: Option<Path> = None;
         if !primary.transit().is_empty() && self.cost[s * n + d].is_finite() {
             let metrics = self.metrics[s * n + d].widen();
-            consider(Some(Path {
+            best = Some(Path {
                 idx: smallvec::smallvec![s as u32, d as u32],
                 metrics,
                 cost: f64::from(self.cost[s * n + d]),
                 poor: self.model.is_poor(&metrics),
-            }));
+            });
         }
         let via = work.two_hop_via[d];
         if via != NONE {
             let metrics = self.metrics[s * n + via as usize]
                 .widen()
                 .then(&self.metrics[via as usize * n + d].widen());
-            consider(Some(Path {
+            let two_hop = Path {
                 idx: smallvec::smallvec![s as u32, via, d as u32],
                 metrics,
                 cost: f64::from(work.two_hop_cost[d]),
                 poor: self.model.is_poor(&metrics),
-            }));
-        }
-        if best.is_some() {
-            return best;
-        }
-        // Longer paths: avoid the primary's transit relays and links, and
-        // failing that only its links.
-        let transit: SmallVec<[usize; 4]> = primary.transit().iter().map(|&m| m as usize).collect();
-        let links: SmallVec<[(usize, usize); 4]> = primary
-            .idx
-            .windows(2)
-            .map(|w| (w[0] as usize, w[1] as usize))
-            .collect();
-        // Loop-free alternates (IP fast reroute, RFC 5286): a neighbour off
-        // the primary whose own primary to `d` avoids this relay and the
-        // primary's relays and links. O(degree x path length) per pair.
-        let mut lfa: Option<Path> = None;
-        for &v in &self.neighbours[s] {
-            let Some(theirs) = all[v as usize][d].as_ref() else {
-                continue;
             };
-            if v as usize == d
-                || !self.transit[v as usize]
-                || links.contains(&(s, v as usize))
-                || theirs.idx.contains(&(s as u32))
-                || theirs.idx[..theirs.idx.len() - 1]
-                    .iter()
-                    .any(|&m| transit.contains(&(m as usize)))
-                || theirs
-                    .idx
-                    .windows(2)
-                    .any(|w| links.contains(&(w[0] as usize, w[1] as usize)))
-            {
-                continue;
-            }
-            let mut idx: SmallVec<[u32; 6]> = SmallVec::with_capacity(theirs.idx.len() + 1);
-            idx.push(s as u32);
-            idx.extend_from_slice(&theirs.idx);
-            if let Some(p) = self.evaluate(idx)
-                && lfa.as_ref().is_none_or(|b| p.beats(b))
-            {
-                lfa = Some(p);
+            if best.as_ref().is_none_or(|b| two_hop.beats(b)) {
+                best = Some(two_hop);
             }
         }
-        lfa
+        best
     }
 
-    /// Shortest-path tree from `s` into `t` (parents) entering none of
-    /// `blocked` and using none of `blocked_links`, final for every relay
-    /// settled before the last of `targets`, where it stops. `marks` is
-    /// all false, and is left so. Dense Dijkstra with the primaries' vector
-    /// kernels: in a sparse overlay the missing links are infinities the
-    /// vector loops skip cheaply (against a binary heap over adjacency
-    /// lists the difference was within this machine's noise).
+    /// `s`, then neighbour `v`'s primary (`theirs`) to the destination of
+    /// `primary`, if that is a loop-free alternate: `v` may carry transit,
+    /// is not the destination, the link to it is not the primary's, and
+    /// `theirs` avoids `s` and the primary's transit relays and links.
+    fn loop_free_alternate(
+        &self,
+        s: usize,
+        v: usize,
+        primary: &Path,
+        theirs: &Path,
+    ) -> Option<Path> {
+        let transit = primary.transit();
+        let is_primary_link = |a: u32, b: u32| primary.idx.windows(2).any(|w| w == [a, b]);
+        let (s32, v32) = (s as u32, v as u32);
+        if v32 == *theirs.idx.last()?
+            || is_primary_link(s32, v32)
+            || theirs.idx.contains(&s32)
+            || theirs.idx[..theirs.idx.len() - 1]
+                .iter()
+                .any(|m| transit.contains(m))
+            || theirs.idx.windows(2).any(|w| is_primary_link(w[0], w[1]))
+        {
+            return None;
+        }
+        let mut idx: SmallVec<[u32; 6]> = SmallVec::with_capacity(theirs.idx.len() + 1);
+        idx.push(s32);
+        idx.extend_from_slice(&theirs.idx);
+        self.evaluate(idx)
+    }
+
+    /// Shortest-path tree from `s` into `t` entering none of `blocked`
+    /// and using none of `blocked_links`, repaired from `base`, a complete
+    /// tree from `s` (on `self.cost`, possibly avoiding more): a relay
+    /// whose path there avoids both keeps it, and only the relays below a
+    /// blocked relay or link are searched again. With `targets`, only
+    /// until those are settled; without, completely (then `t` can be the
+    /// base of another repair).
+    #[allow(clippy::too_many_arguments)] // disjoint parts of the workspace
     fn avoid_tree(
         &self,
         s: usize,
         blocked: &[usize],
         blocked_links: &[(usize, usize)],
         targets: &[u32],
+        base: &Tree,
         t: &mut Tree,
-        marks: &mut [bool],
+        repair: &mut Repair,
     ) {
-        let n = self.n;
-        let mut left = targets.len();
-        for &d in targets {
-            marks[d as usize] = true;
-        }
-        t.dist.fill(f32::INFINITY);
-        t.parent.fill(NONE);
-        t.dist[s] = 0.0;
-        for &b in blocked {
-            // Looks settled, so it is never entered.
-            t.dist[b] = -0.0;
-        }
-        while let Some(u) = argmin(&t.dist) {
-            let du = t.dist[u];
-            t.dist[u] = -du;
-            if marks[u] {
-                marks[u] = false;
-                left -= 1;
-                if left == 0 {
-                    break;
+        t.dist.copy_from_slice(&base.dist);
+        t.parent.copy_from_slice(&base.parent);
+        t.order.clear();
+        t.order.push(s as u32);
+        // Parents settle before children, so one pass finds every relay
+        // whose path runs through a blocked relay or link.
+        repair.affected.clear();
+        for &v in &base.order[1..] {
+            let (v, p) = (v as usize, base.parent[v as usize] as usize);
+            let is_blocked = blocked.contains(&v);
+            if is_blocked || repair.cut[p] || blocked_links.contains(&(p, v)) {
+                repair.cut[v] = true;
+                t.dist[v] = f32::INFINITY;
+                t.parent[v] = NONE;
+                if !is_blocked {
+                    repair.affected.push(v);
                 }
-            }
-            if u != s && !self.transit[u] {
-                continue;
-            }
-            // A blocked link is relaxed with the rest and then undone.
-            let undo: SmallVec<[(usize, f32, u32); 4]> = blocked_links
-                .iter()
-                .filter(|&&(from, _)| from == u)
-                .map(|&(_, to)| (to, t.dist[to], t.parent[to]))
-                .collect();
-            kernels::relax(
-                &mut t.dist,
-                &mut t.parent,
-                &mut t.spare_dist,
-                &mut t.spare_parent,
-                &self.cost[u * n..(u + 1) * n],
-                du,
-                u as u32,
-            );
-            for (to, dist, parent) in undo {
-                t.dist[to] = dist;
-                t.parent[to] = parent;
+            } else {
+                t.order.push(v as u32);
             }
         }
-        // Targets never reached stay marked.
         for &d in targets {
-            marks[d as usize] = false;
+            repair.marks[d as usize] = true;
+        }
+        let stop_early = !targets.is_empty();
+        self.research(s, &self.cost, t, repair, blocked_links, stop_early);
+        for &d in targets {
+            repair.marks[d as usize] = false;
+        }
+        for &v in &base.order[1..] {
+            repair.cut[v as usize] = false;
         }
     }
 }
