@@ -154,6 +154,11 @@ pub struct EpochPlan {
     pub route_changes: usize,
     /// Links that change.
     pub link_changes: usize,
+    /// The primary paths as they are once `command` is applied (those of
+    /// [`ClusterState::primary_set`] then, here with the metrics they were
+    /// chosen on): a caller applying the command itself need not rebuild
+    /// them for the backups.
+    pub primaries: RouteSet,
 }
 
 impl RouteEngine {
@@ -271,27 +276,23 @@ impl RouteEngine {
     /// backups must be recomputed even if no primary moves). Pure
     /// computation: run it off the Raft task.
     pub fn plan(state: &ClusterState, links: Vec<LinkUpdate>, force: bool) -> Option<EpochPlan> {
-        let mut next = state.clone();
-        for u in &links {
-            match u.metrics {
-                Some(m) => next.links.insert((u.from, u.to), m),
-                None => next.links.remove(&(u.from, u.to)),
-            };
-        }
         // Primaries only: backups are computed by every node from the
         // replicated primaries once the epoch is applied.
         let routes = RouteSet::primaries(
-            &next.graph(),
-            &next.policy.routing,
+            &state.graph_with(&links),
+            &state.policy.routing,
             Some(&state.primary_set()),
         );
         let primaries = primary_updates(state, &routes);
         if links.is_empty() && primaries.is_empty() && state.epoch > 0 && !force {
             return None;
         }
+        let mut routes = routes;
+        routes.set_epoch(state.epoch + 1);
         Some(EpochPlan {
             route_changes: primaries.len(),
             link_changes: links.len(),
+            primaries: routes,
             command: Command::RouteEpoch {
                 epoch: state.epoch + 1,
                 links,
@@ -487,6 +488,13 @@ mod tests {
         assert_eq!(plan.link_changes, 6);
         s.apply(&plan.command).unwrap();
         assert_eq!(s.epoch, 1);
+        let paths = |set: &RouteSet| {
+            set.tables()
+                .iter()
+                .flat_map(|t| t.entries().iter().map(|e| e.primary.hops.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(paths(&plan.primaries), paths(&s.primary_set()));
         assert_eq!(
             s.primaries[&(RelayId(1), RelayId(3))],
             vec![RelayId(1), RelayId(2), RelayId(3)]

@@ -440,6 +440,12 @@ impl ClusterState {
     /// The routing graph: relays with their states (policy applied) and
     /// the replicated links (forbidden ones left out).
     pub fn graph(&self) -> Graph {
+        self.graph_with(&[])
+    }
+
+    /// The routing graph as it will be once `updates` are applied (in
+    /// order), without copying the state to apply them.
+    pub fn graph_with(&self, updates: &[LinkUpdate]) -> Graph {
         let mut g = Graph::new();
         for r in self.relays.values() {
             let mut state = r.routing_state();
@@ -450,7 +456,17 @@ impl ClusterState {
             }
             g.set_state(r.id, state);
         }
-        for (&(a, b), m) in &self.links {
+        // The last update of a link wins, as when applied in order.
+        let updated: BTreeMap<(RelayId, RelayId), Option<&LinkMetricsQ>> = updates
+            .iter()
+            .map(|u| ((u.from, u.to), u.metrics.as_ref()))
+            .collect();
+        let current = self
+            .links
+            .iter()
+            .filter(|(key, _)| !updated.contains_key(key));
+        let new = updated.iter().filter_map(|(k, m)| Some((k, (*m)?)));
+        for (&(a, b), m) in current.chain(new) {
             if self.policy.forbidden_links.contains(&(a, b)) {
                 continue;
             }
@@ -463,25 +479,26 @@ impl ClusterState {
     /// The replicated primaries as a route set (no backups), the
     /// hysteresis input of the next computation.
     pub fn primary_set(&self) -> RouteSet {
-        let mut by_source: BTreeMap<RelayId, Vec<RouteEntry>> = BTreeMap::new();
-        for (&(a, b), hops) in &self.primaries {
-            by_source.entry(a).or_default().push(RouteEntry {
-                destination: b,
-                primary: Route {
-                    hops: hops.iter().copied().collect::<Hops>(),
-                    metrics: Metrics::default(),
-                    cost: 0.0,
-                    poor: false,
-                },
-                backup: None,
-            });
+        // The map is sorted by (source, destination): one run per table.
+        let mut tables = Vec::new();
+        let mut pairs = self.primaries.iter().peekable();
+        while let Some(&(&(source, _), _)) = pairs.peek() {
+            let mut entries = Vec::new();
+            while let Some((&(_, destination), hops)) = pairs.next_if(|(k, _)| k.0 == source) {
+                entries.push(RouteEntry {
+                    destination,
+                    primary: Route {
+                        hops: hops.iter().copied().collect::<Hops>(),
+                        metrics: Metrics::default(),
+                        cost: 0.0,
+                        poor: false,
+                    },
+                    backup: None,
+                });
+            }
+            tables.extend(RouteTable::new(source, self.epoch, entries).ok());
         }
-        RouteSet::from_tables(
-            by_source
-                .into_iter()
-                .filter_map(|(src, entries)| RouteTable::new(src, self.epoch, entries).ok())
-                .collect(),
-        )
+        RouteSet::from_tables(tables)
     }
 }
 
@@ -489,34 +506,56 @@ fn hex_len(s: &str) -> Option<usize> {
     (s.len().is_multiple_of(2) && s.bytes().all(|b| b.is_ascii_hexdigit())).then_some(s.len() / 2)
 }
 
-/// Diffs a newly computed route set against the replicated primaries.
+/// Diffs a newly computed route set against the replicated primaries:
+/// changed and new pairs in order, then removed ones in order. Both sides
+/// are sorted by (source, destination), so this is a merge of the two.
 pub fn primary_updates(state: &ClusterState, computed: &RouteSet) -> Vec<PrimaryUpdate> {
-    let mut new: BTreeMap<(RelayId, RelayId), Vec<RelayId>> = BTreeMap::new();
-    for t in computed.tables() {
-        for e in t.entries() {
-            new.insert((t.source(), e.destination), e.primary.hops.to_vec());
+    let mut new = computed
+        .tables()
+        .iter()
+        .flat_map(|t| {
+            t.entries()
+                .iter()
+                .map(move |e| ((t.source(), e.destination), &e.primary.hops))
+        })
+        .peekable();
+    let mut old = state.primaries.iter().peekable();
+    let (mut out, mut removed) = (Vec::new(), Vec::new());
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some(&(&k, _)), Some(&(n, _))) if k < n => {
+                removed.push(k);
+                old.next();
+            }
+            (Some(&(&k, hops)), Some(&(n, new_hops))) if k == n => {
+                if hops[..] != new_hops[..] {
+                    out.push((n, new_hops));
+                }
+                old.next();
+                new.next();
+            }
+            (_, Some(&(n, new_hops))) => {
+                out.push((n, new_hops));
+                new.next();
+            }
+            (Some(&(&k, _)), None) => {
+                removed.push(k);
+                old.next();
+            }
+            (None, None) => break,
         }
     }
-    let mut out = Vec::new();
-    for (k, hops) in &new {
-        if state.primaries.get(k) != Some(hops) {
-            out.push(PrimaryUpdate {
-                from: k.0,
-                to: k.1,
-                hops: Some(hops.clone()),
-            });
-        }
-    }
-    for k in state.primaries.keys() {
-        if !new.contains_key(k) {
-            out.push(PrimaryUpdate {
-                from: k.0,
-                to: k.1,
-                hops: None,
-            });
-        }
-    }
-    out
+    let changed = out.into_iter().map(|((from, to), hops)| PrimaryUpdate {
+        from,
+        to,
+        hops: Some(hops.to_vec()),
+    });
+    let gone = removed.into_iter().map(|(from, to)| PrimaryUpdate {
+        from,
+        to,
+        hops: None,
+    });
+    changed.chain(gone).collect()
 }
 
 #[cfg(test)]
@@ -593,6 +632,97 @@ mod tests {
         .unwrap();
         assert!(s.apply(&epoch(2, 0)).is_err(), "inputs changed since");
         assert!(s.apply(&epoch(2, s.basis)).is_ok());
+    }
+
+    #[test]
+    fn graph_with_updates_is_the_graph_after_applying_them() {
+        let mut s = ClusterState::default();
+        for id in 1..=3 {
+            s.apply(&Command::RegisterRelay {
+                id: RelayId(id),
+                info: info(&format!("r{id}")),
+            })
+            .unwrap();
+        }
+        let q = |rtt| Some(LinkMetricsQ::from_metrics(&Metrics::rtt(rtt)));
+        let link = |from, to, metrics| LinkUpdate {
+            from: RelayId(from),
+            to: RelayId(to),
+            metrics,
+        };
+        let first = vec![
+            link(1, 2, q(10.0)),
+            link(2, 3, q(20.0)),
+            link(3, 1, q(30.0)),
+        ];
+        let epoch = |epoch, links, basis| Command::RouteEpoch {
+            epoch,
+            links,
+            primaries: vec![],
+            basis,
+        };
+        s.apply(&epoch(1, first, s.basis)).unwrap();
+        // Changed, removed, new, and a link updated twice (the last wins).
+        let next = vec![
+            link(1, 2, q(11.0)),
+            link(2, 3, None),
+            link(1, 3, q(5.0)),
+            link(3, 2, None),
+            link(3, 2, q(7.0)),
+        ];
+        let planned = s.graph_with(&next);
+        s.apply(&epoch(2, next, s.basis)).unwrap();
+        let applied = s.graph();
+        let links = |g: &Graph| {
+            g.links()
+                .map(|(a, b, m)| (a, b, m.rtt_ms))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(links(&planned), links(&applied));
+        assert_eq!(links(&applied).len(), 4);
+    }
+
+    #[test]
+    fn primary_updates_list_changes_then_removals() {
+        let mut s = ClusterState::default();
+        let ids = |v: &[u32]| v.iter().map(|&i| RelayId(i)).collect::<Vec<_>>();
+        for (from, to, hops) in [
+            (1, 2, vec![1, 2]),
+            (1, 3, vec![1, 2, 3]),
+            (2, 1, vec![2, 1]),
+        ] {
+            s.primaries.insert((RelayId(from), RelayId(to)), ids(&hops));
+        }
+        let route = |hops: &[u32]| RouteEntry {
+            destination: RelayId(*hops.last().unwrap()),
+            primary: Route {
+                hops: ids(hops).into_iter().collect(),
+                metrics: Metrics::default(),
+                cost: 0.0,
+                poor: false,
+            },
+            backup: None,
+        };
+        // 1->2 kept, 1->3 changed, 2->1 removed, 2->3 and 3->1 new.
+        let computed = RouteSet::from_tables(vec![
+            RouteTable::new(RelayId(1), 0, vec![route(&[1, 2]), route(&[1, 3])]).unwrap(),
+            RouteTable::new(RelayId(2), 0, vec![route(&[2, 3])]).unwrap(),
+            RouteTable::new(RelayId(3), 0, vec![route(&[3, 1])]).unwrap(),
+        ]);
+        let got: Vec<_> = primary_updates(&s, &computed)
+            .into_iter()
+            .map(|u| (u.from.0, u.to.0, u.hops.map(|h| h.len())))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 3, Some(2)),
+                (2, 3, Some(2)),
+                (3, 1, Some(2)),
+                (2, 1, None)
+            ]
+        );
+        assert!(primary_updates(&s, &s.primary_set()).is_empty());
     }
 
     #[test]

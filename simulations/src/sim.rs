@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use controlplane::engine::{EngineConfig, LinkReport, LinkReporter, RouteEngine};
+use controlplane::engine::{EngineConfig, EpochPlan, LinkReport, LinkReporter, RouteEngine};
 use controlplane::state::{ClusterState, Command, RelayInfo};
 use netmodel::{LinkModel, Profile};
 use rand::seq::SliceRandom;
@@ -98,6 +98,9 @@ pub struct Node {
     reporter: LinkReporter,
 }
 
+/// An event. Large payloads are boxed: every event moves through the
+/// queue's heap a few times, and the common ones (datagrams, timers) are
+/// small.
 #[derive(Debug)]
 enum Ev {
     Wake(u32),
@@ -120,8 +123,7 @@ enum Ev {
     },
     CpTick,
     EpochCommit {
-        command: Option<Command>,
-        route_changes: usize,
+        plan: Option<Box<EpochPlan>>,
         cp_life: u32,
     },
     RoutesReady {
@@ -132,7 +134,7 @@ enum Ev {
     RoutesArrive {
         relay: u32,
         life: u32,
-        table: topology::RouteTable,
+        table: Box<topology::RouteTable>,
     },
     Scenario(usize),
     PairSample,
@@ -1287,35 +1289,26 @@ impl Sim {
             let plan = RouteEngine::plan(&self.cp.state, start.links, start.force);
             let cpc = &self.scenario.control_plane;
             let at = self.now + Duration::from_millis(cpc.compute_ms + cpc.commit_ms);
-            let (command, route_changes) = match plan {
-                Some(p) => (Some(p.command), p.route_changes),
-                None => (None, 0),
-            };
+            let plan = plan.map(Box::new);
             let cp_life = self.cp.life;
-            self.push(
-                at,
-                Ev::EpochCommit {
-                    command,
-                    route_changes,
-                    cp_life,
-                },
-            );
+            self.push(at, Ev::EpochCommit { plan, cp_life });
         }
     }
 
-    fn epoch_commit(&mut self, command: Option<Command>, route_changes: usize) {
+    fn epoch_commit(&mut self, plan: Option<EpochPlan>) {
         self.cp.engine.epoch_finished();
-        let Some(command) = command else {
+        let Some(plan) = plan else {
             return;
         };
-        if self.cp.state.apply(&command).is_err() {
+        if self.cp.state.apply(&plan.command).is_err() {
             return;
         }
         self.cp.routed_basis = Some(self.cp.state.basis);
-        self.epochs.push((self.now.as_secs_f64(), route_changes));
+        self.epochs
+            .push((self.now.as_secs_f64(), plan.route_changes));
+        // The plan's primaries are the applied state's primary set.
         let state = &self.cp.state;
-        let routes =
-            RouteSet::with_backups(&state.graph(), &state.policy.routing, &state.primary_set());
+        let routes = RouteSet::with_backups(&state.graph(), &state.policy.routing, &plan.primaries);
         let at = self.now + Duration::from_millis(self.scenario.control_plane.compute_ms);
         let (epoch, cp_life) = (state.epoch, self.cp.life);
         self.push(
@@ -1349,7 +1342,7 @@ impl Sim {
                 Ev::RoutesArrive {
                     relay: r,
                     life,
-                    table,
+                    table: Box::new(table),
                 },
             );
         }
@@ -1822,13 +1815,9 @@ impl Sim {
                 }
             }
             Ev::CpTick => self.cp_tick(),
-            Ev::EpochCommit {
-                command,
-                route_changes,
-                cp_life,
-            } => {
+            Ev::EpochCommit { plan, cp_life } => {
                 if self.cp.up && cp_life == self.cp.life {
-                    self.epoch_commit(command, route_changes);
+                    self.epoch_commit(plan.map(|p| *p));
                 }
             }
             Ev::RoutesReady {
@@ -1843,7 +1832,7 @@ impl Sim {
             Ev::RoutesArrive { relay, life, table } => {
                 let node = &mut self.nodes[relay as usize];
                 if node.alive && node.life == life {
-                    node.core.set_route_table(table);
+                    node.core.set_route_table(*table);
                     self.drain(relay);
                 }
             }

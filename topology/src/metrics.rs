@@ -128,7 +128,15 @@ pub struct LinkMetrics {
     last_rtt: Option<f64>,
     jitter: f64,
     outstanding: VecDeque<(u64, Instant)>,
+    /// Probe timeout for the current estimates, and when the oldest
+    /// outstanding probe reaches it: drivers ask with every timer, these
+    /// change only with probes and echoes.
+    timeout: Duration,
+    expiry: Option<Instant>,
     observations: VecDeque<LossObservation>,
+    /// Sums of `sent` and `lost` over `observations`, so that the loss over
+    /// the window does not walk it.
+    observed: (u64, u64),
     samples: u64,
     last_echo: Option<Instant>,
     consecutive_losses: u32,
@@ -137,13 +145,17 @@ pub struct LinkMetrics {
 impl LinkMetrics {
     /// A fresh estimator with no samples.
     pub fn new(config: LinkMetricsConfig) -> Self {
+        let timeout = config.probe_timeout;
         Self {
             config,
             srtt: None,
             last_rtt: None,
             jitter: 0.0,
             outstanding: VecDeque::new(),
+            timeout,
+            expiry: None,
             observations: VecDeque::new(),
+            observed: (0, 0),
             samples: 0,
             last_echo: None,
             consecutive_losses: 0,
@@ -163,6 +175,14 @@ impl LinkMetrics {
             self.record_loss(sent.max(now));
         }
         self.outstanding.push_back((seq, now));
+        self.refresh_expiry();
+    }
+
+    fn refresh_expiry(&mut self) {
+        self.expiry = self
+            .outstanding
+            .front()
+            .map(|&(_, sent)| sent + self.timeout);
     }
 
     /// The echo of probe `seq` arrived at `now`. Returns the RTT sample, or
@@ -170,6 +190,7 @@ impl LinkMetrics {
     pub fn on_echo(&mut self, seq: u64, now: Instant) -> Option<Duration> {
         let pos = self.outstanding.iter().position(|&(s, _)| s == seq)?;
         let (_, sent) = self.outstanding.remove(pos)?;
+        self.refresh_expiry();
         let rtt = now.checked_duration_since(sent)?.as_secs_f64();
         self.srtt = Some(match self.srtt {
             None => rtt,
@@ -181,6 +202,8 @@ impl LinkMetrics {
             self.jitter += ((rtt - prev).abs() - self.jitter) / 16.0;
         }
         self.last_rtt = Some(rtt);
+        self.timeout = self.compute_timeout();
+        self.refresh_expiry();
         self.samples += 1;
         self.last_echo = Some(now);
         self.consecutive_losses = 0;
@@ -197,6 +220,7 @@ impl LinkMetrics {
     pub fn on_probe_timeout(&mut self, seq: u64, now: Instant) {
         if let Some(pos) = self.outstanding.iter().position(|&(s, _)| s == seq) {
             self.outstanding.remove(pos);
+            self.refresh_expiry();
             self.record_loss(now);
         }
     }
@@ -205,23 +229,26 @@ impl LinkMetrics {
     /// this at [`LinkMetrics::next_timeout`].
     pub fn expire_probes(&mut self, now: Instant) {
         while let Some(&(_, sent)) = self.outstanding.front() {
-            if now.saturating_duration_since(sent) < self.timeout() {
+            if now.saturating_duration_since(sent) < self.timeout {
                 break;
             }
             self.outstanding.pop_front();
             self.record_loss(now);
         }
+        self.refresh_expiry();
     }
 
     /// When the oldest outstanding probe times out.
     pub fn next_timeout(&self) -> Option<Instant> {
-        self.outstanding
-            .front()
-            .map(|&(_, sent)| sent + self.timeout())
+        self.expiry
     }
 
     /// The current probe timeout.
     pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn compute_timeout(&self) -> Duration {
         match self.srtt {
             Some(srtt) if self.config.adaptive_timeout => {
                 let t = srtt * 1.25 + 4.0 * self.jitter + 0.005;
@@ -248,13 +275,17 @@ impl LinkMetrics {
 
     /// Current estimates.
     pub fn stats(&self, now: Instant) -> LinkStats {
+        // Observations are in time order: the window's sums are the totals
+        // less the few at the front that have aged out since the last push.
         let horizon = now.checked_sub(self.config.loss_window);
-        let (sent, lost) = self
-            .observations
-            .iter()
-            .rev()
-            .take_while(|o| horizon.is_none_or(|h| o.at >= h))
-            .fold((0u64, 0u64), |(s, l), o| (s + o.sent, l + o.lost));
+        let (mut sent, mut lost) = self.observed;
+        for o in &self.observations {
+            if horizon.is_none_or(|h| o.at >= h) {
+                break;
+            }
+            sent -= o.sent;
+            lost -= o.lost;
+        }
         let health = if self.consecutive_losses >= self.config.dead_after_losses {
             LinkHealth::Dead
         } else if self.samples == 0 {
@@ -307,10 +338,16 @@ impl LinkMetrics {
 
     fn push_observation(&mut self, obs: LossObservation) {
         self.observations.push_back(obs);
+        self.observed.0 += obs.sent;
+        self.observed.1 += obs.lost;
         // Keep only what the loss window can still see.
         if let Some(horizon) = obs.at.checked_sub(self.config.loss_window) {
-            while self.observations.front().is_some_and(|o| o.at < horizon) {
+            while let Some(&old) = self.observations.front()
+                && old.at < horizon
+            {
                 self.observations.pop_front();
+                self.observed.0 -= old.sent;
+                self.observed.1 -= old.lost;
             }
         }
     }
@@ -344,6 +381,56 @@ mod tests {
         assert_eq!(s.samples, 1);
         assert_eq!(s.age, Some(Duration::ZERO));
         assert!((s.metrics().unwrap().rtt_ms - 40.0).abs() < 1e-9);
+    }
+
+    /// The running sums behind the windowed loss agree with a walk of the
+    /// window, and the cached expiry with the oldest probe, as probes, echoes, timeouts and loss reports come and go
+    /// (including queries long after the last observation), on a
+    /// driver's clock, which never goes back.
+    #[test]
+    fn windowed_loss_sums_match_a_walk_of_the_window() {
+        let t0 = Instant::now();
+        let mut m = LinkMetrics::default();
+        let window = m.config().loss_window;
+        let mut x: u64 = 7; // xorshift: a fixed, varied sequence
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut now = t0;
+        for seq in 1..3000u64 {
+            now += ms(next() % 400);
+            m.on_probe_sent(seq, now);
+            now += ms(next() % 50);
+            match next() % 4 {
+                0 => {}
+                1 => m.on_loss_report(10, next() % 3, now),
+                _ => {
+                    let _ = m.on_echo(seq, now);
+                }
+            }
+            m.expire_probes(now);
+            let oldest = m.outstanding.front().map(|&(_, sent)| sent + m.timeout());
+            assert_eq!(m.next_timeout(), oldest, "probe {seq}");
+            for later in [ms(30), window / 2, window * 2] {
+                let at = now + later;
+                let walked = m
+                    .observations
+                    .iter()
+                    .filter(|o| o.at >= at - window)
+                    .fold((0, 0), |(s, l), o| (s + o.sent, l + o.lost));
+                let stats = m.stats(at);
+                assert_eq!(stats.loss_samples, walked.0, "probe {seq}");
+                let expected = if walked.0 == 0 {
+                    0.0
+                } else {
+                    walked.1 as f64 / walked.0.max(m.config().loss_min_samples) as f64
+                };
+                assert_eq!(stats.loss, expected, "probe {seq}");
+            }
+        }
     }
 
     #[test]
