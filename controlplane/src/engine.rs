@@ -276,12 +276,25 @@ impl RouteEngine {
     /// backups must be recomputed even if no primary moves). Pure
     /// computation: run it off the Raft task.
     pub fn plan(state: &ClusterState, links: Vec<LinkUpdate>, force: bool) -> Option<EpochPlan> {
+        Self::plan_from(state, &state.primary_set(), links, force)
+    }
+
+    /// [`RouteEngine::plan`] with the state's primary set given: `current`
+    /// must be [`ClusterState::primary_set`] of `state` (such as the last
+    /// plan's primaries while the state's epoch and basis are those it was
+    /// applied at), which a caller planning every second need not rebuild.
+    pub fn plan_from(
+        state: &ClusterState,
+        current: &RouteSet,
+        links: Vec<LinkUpdate>,
+        force: bool,
+    ) -> Option<EpochPlan> {
         // Primaries only: backups are computed by every node from the
         // replicated primaries once the epoch is applied.
         let routes = RouteSet::primaries(
             &state.graph_with(&links),
             &state.policy.routing,
-            Some(&state.primary_set()),
+            Some(current),
         );
         let primaries = primary_updates(state, &routes);
         if links.is_empty() && primaries.is_empty() && state.epoch > 0 && !force {

@@ -10,9 +10,11 @@
 //! - [`sim`]: the discrete-event simulator driving the relay and
 //!   control-plane cores in virtual time.
 //! - [`plots`]: SVG charts and the world map of a run.
+//! - [`queue`]: the simulator's event queue.
 
 pub mod geo;
 pub mod plots;
+pub mod queue;
 pub mod report;
 pub mod scenario;
 pub mod sim;

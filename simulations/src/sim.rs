@@ -29,8 +29,7 @@
 //! `Instant`s as a fixed origin plus that duration, so nothing depends on
 //! the wall clock.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +46,7 @@ use relay_core::{Action, ChannelId, ClientId, Relay, RelayConfig};
 use serde::Serialize;
 use topology::{Graph, Hops, Metrics, PoorThresholds, RelayId, RouteSet, RoutingConfig};
 
+use crate::queue::EventQueue;
 use crate::scenario::{EventKind, Scenario, named_profile, stack};
 use crate::world::World;
 
@@ -127,7 +127,7 @@ enum Ev {
         cp_life: u32,
     },
     RoutesReady {
-        routes: Arc<RouteSet>,
+        routes: Box<RouteSet>,
         epoch: u64,
         cp_life: u32,
     },
@@ -148,29 +148,6 @@ enum Ev {
     Snapshot,
 }
 
-struct Queued {
-    at: Duration,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
-}
-
 struct ControlPlane {
     up: bool,
     /// Bumped on every stop: work in flight from before is dropped.
@@ -179,6 +156,9 @@ struct ControlPlane {
     state: ClusterState,
     routed_basis: Option<u64>,
     site: usize,
+    /// The last applied plan's primaries with the state's epoch and basis
+    /// after it: the state's primary set while those are unchanged.
+    primaries: Option<(u64, u64, RouteSet)>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -415,8 +395,7 @@ pub struct Sim {
     world_source: String,
     origin: Instant,
     now: Duration,
-    queue: BinaryHeap<Reverse<Queued>>,
-    seq: u64,
+    queue: EventQueue<Ev>,
     processed: u64,
     datagrams: u64,
     rng: ChaCha8Rng,
@@ -724,8 +703,7 @@ impl Sim {
             world_source,
             origin,
             now: Duration::ZERO,
-            queue: BinaryHeap::new(),
-            seq: 0,
+            queue: EventQueue::default(),
             processed: 0,
             datagrams: 0,
             rng,
@@ -745,6 +723,7 @@ impl Sim {
                 state,
                 routed_basis: None,
                 site: cp_site,
+                primaries: None,
             },
             oracle: None,
             last_paths: vec![None; pairs.len()],
@@ -778,12 +757,7 @@ impl Sim {
     }
 
     fn push(&mut self, at: Duration, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse(Queued {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.queue.push(at, ev);
     }
 
     // ----- the network ---------------------------------------------------
@@ -1286,7 +1260,13 @@ impl Sim {
             let _ = self.cp.state.apply(&cmd);
         }
         if let Some(start) = start {
-            let plan = RouteEngine::plan(&self.cp.state, start.links, start.force);
+            let state = &self.cp.state;
+            let plan = match &self.cp.primaries {
+                Some((epoch, basis, current)) if (*epoch, *basis) == (state.epoch, state.basis) => {
+                    RouteEngine::plan_from(state, current, start.links, start.force)
+                }
+                _ => RouteEngine::plan(state, start.links, start.force),
+            };
             let cpc = &self.scenario.control_plane;
             let at = self.now + Duration::from_millis(cpc.compute_ms + cpc.commit_ms);
             let plan = plan.map(Box::new);
@@ -1311,17 +1291,26 @@ impl Sim {
         let routes = RouteSet::with_backups(&state.graph(), &state.policy.routing, &plan.primaries);
         let at = self.now + Duration::from_millis(self.scenario.control_plane.compute_ms);
         let (epoch, cp_life) = (state.epoch, self.cp.life);
+        self.cp.primaries = Some((state.epoch, state.basis, plan.primaries));
         self.push(
             at,
             Ev::RoutesReady {
-                routes: Arc::new(routes),
+                routes: Box::new(routes),
                 epoch,
                 cp_life,
             },
         );
     }
 
-    fn routes_ready(&mut self, routes: &RouteSet, epoch: u64) {
+    fn routes_ready(&mut self, routes: RouteSet, epoch: u64) {
+        // Each relay gets its own table, moved rather than copied.
+        let mut tables: Vec<Option<topology::RouteTable>> =
+            (0..self.nodes.len()).map(|_| None).collect();
+        for table in routes.into_tables() {
+            if let Some(slot) = tables.get_mut(table.source().0 as usize) {
+                *slot = Some(table);
+            }
+        }
         for r in 0..self.nodes.len() as u32 {
             let node = &self.nodes[r as usize];
             if !node.alive {
@@ -1330,9 +1319,8 @@ impl Sim {
             let Some(p) = self.site_profile(self.cp.site, node.site) else {
                 continue;
             };
-            let mut table = routes
-                .table(RelayId(r))
-                .cloned()
+            let mut table = tables[r as usize]
+                .take()
                 .unwrap_or_else(|| topology::RouteTable::empty(RelayId(r)));
             table.set_epoch(epoch);
             let at = self.now + Duration::from_secs_f64(p.delay_ms / 1e3);
@@ -1748,13 +1736,13 @@ impl Sim {
             let at = Duration::from_secs_f64(self.scenario.report.map_at_s[i]);
             self.push(at, Ev::Snapshot);
         }
-        while let Some(Reverse(q)) = self.queue.pop() {
-            if q.at > end {
+        while let Some((at, ev)) = self.queue.pop() {
+            if at > end {
                 break;
             }
-            self.now = q.at;
+            self.now = at;
             self.processed += 1;
-            self.handle(q.ev);
+            self.handle(ev);
         }
         self.now = end;
         // Pairs still waiting at the end never recovered.
@@ -1826,7 +1814,7 @@ impl Sim {
                 cp_life,
             } => {
                 if self.cp.up && cp_life == self.cp.life {
-                    self.routes_ready(&routes, epoch);
+                    self.routes_ready(*routes, epoch);
                 }
             }
             Ev::RoutesArrive { relay, life, table } => {

@@ -498,6 +498,11 @@ impl Dense {
     }
 
     fn index(&self, id: RelayId) -> Option<usize> {
+        // Relays are often numbered 0..n: then the id is its own index.
+        let guess = id.0 as usize;
+        if self.ids.get(guess) == Some(&id) {
+            return Some(guess);
+        }
         self.ids.binary_search(&id).ok()
     }
 
@@ -719,21 +724,20 @@ impl Dense {
     /// The given table's primaries, re-evaluated on this graph; entries
     /// whose path is broken here are dropped.
     fn fixed_primaries(&self, s: usize, table: Option<&RouteTable>) -> Vec<Option<Path>> {
-        (0..self.n)
-            .map(|d| {
-                if d == s {
-                    return None;
-                }
-                let e = table?.get(self.ids[d])?;
-                let idx: Option<SmallVec<[u32; 6]>> = e
-                    .primary
-                    .hops
-                    .iter()
-                    .map(|&h| self.index(h).map(|i| i as u32))
-                    .collect();
-                self.evaluate(idx?)
-            })
-            .collect()
+        let mut primaries = vec![None; self.n];
+        for e in table.map_or(&[][..], |t| t.entries()) {
+            let Some(d) = self.index(e.destination).filter(|&d| d != s) else {
+                continue;
+            };
+            let idx: Option<SmallVec<[u32; 6]>> = e
+                .primary
+                .hops
+                .iter()
+                .map(|&h| self.index(h).map(|i| i as u32))
+                .collect();
+            primaries[d] = idx.and_then(|idx| self.evaluate(idx));
+        }
+        primaries
     }
 
     fn primaries_for(
