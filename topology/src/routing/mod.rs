@@ -300,8 +300,6 @@ struct Workspace {
     /// Destinations grouped by their two-hop relay (the last group: those
     /// without one), the order backups are computed in.
     visit: Buckets,
-    /// Marks the destinations a tree search still has to settle.
-
     /// For the last-resort search while `scratch` holds a shared tree.
     fallback: Tree,
     /// Trees avoiding ever longer prefixes of a transit set.
