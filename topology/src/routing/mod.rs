@@ -604,15 +604,16 @@ impl Dense {
             return false;
         };
         let n = self.n;
-        let full = &work.full;
-        work.repair.affected.clear();
-        work.repair
+        let Workspace {
+            full, good, repair, ..
+        } = work;
+        repair.affected.clear();
+        repair
             .affected
             .extend((0..n).filter(|&v| full.uses_poor[v] && full.reachable(v)));
-        if work.repair.affected.is_empty() {
+        if repair.affected.is_empty() {
             return false;
         }
-        let mut good = std::mem::replace(&mut work.good, Tree::new(0));
         good.dist.copy_from_slice(&full.dist);
         good.parent.copy_from_slice(&full.parent);
         good.metrics.copy_from_slice(&full.metrics);
@@ -620,21 +621,20 @@ impl Dense {
         good.order.clear();
         good.order
             .extend(full.order.iter().filter(|&&v| !full.uses_poor[v as usize]));
-        for &v in &work.repair.affected {
-            work.repair.cut[v] = true;
+        for &v in &repair.affected {
+            repair.cut[v] = true;
             good.dist[v] = f32::INFINITY;
             good.parent[v] = NONE;
         }
         let kept = good.order.len();
-        self.research(s, costs, &mut good, &mut work.repair, &[], false);
-        for &v in &work.repair.affected {
-            work.repair.cut[v] = false;
+        self.research(s, costs, good, repair, &[], false);
+        for &v in &repair.affected {
+            repair.cut[v] = false;
         }
         for &v in &good.order[kept..] {
             let (v, p) = (v as usize, good.parent[v as usize] as usize);
             good.metrics[v] = good.metrics[p].then(&self.metrics[p * n + v].widen());
         }
-        work.good = good;
         true
     }
 
