@@ -607,29 +607,22 @@ impl Dense {
         let Workspace {
             full, good, repair, ..
         } = work;
-        repair.affected.clear();
-        repair
-            .affected
-            .extend((0..n).filter(|&v| full.uses_poor[v] && full.reachable(v)));
-        if repair.affected.is_empty() {
+        if !full.order.iter().any(|&v| full.uses_poor[v as usize]) {
             return false;
         }
-        good.dist.copy_from_slice(&full.dist);
-        good.parent.copy_from_slice(&full.parent);
+        Self::cut_from(full, good, repair, |v, _| {
+            if full.uses_poor[v] {
+                Cut::Search
+            } else {
+                Cut::Keep
+            }
+        });
         good.metrics.copy_from_slice(&full.metrics);
         good.uses_poor.fill(false);
-        good.order.clear();
-        good.order
-            .extend(full.order.iter().filter(|&&v| !full.uses_poor[v as usize]));
-        for &v in &repair.affected {
-            repair.cut[v] = true;
-            good.dist[v] = f32::INFINITY;
-            good.parent[v] = NONE;
-        }
         let kept = good.order.len();
         self.research(s, costs, good, repair, &[], false);
-        for &v in &repair.affected {
-            repair.cut[v] = false;
+        for &v in &full.order[1..] {
+            repair.cut[v as usize] = false;
         }
         for &v in &good.order[kept..] {
             let (v, p) = (v as usize, good.parent[v as usize] as usize);
@@ -1062,27 +1055,15 @@ impl Dense {
         t: &mut Tree,
         repair: &mut Repair,
     ) {
-        t.dist.copy_from_slice(&base.dist);
-        t.parent.copy_from_slice(&base.parent);
-        t.order.clear();
-        t.order.push(s as u32);
-        // Parents settle before children, so one pass finds every relay
-        // whose path runs through a blocked relay or link.
-        repair.affected.clear();
-        for &v in &base.order[1..] {
-            let (v, p) = (v as usize, base.parent[v as usize] as usize);
-            let is_blocked = blocked.contains(&v);
-            if is_blocked || repair.cut[p] || blocked_links.contains(&(p, v)) {
-                repair.cut[v] = true;
-                t.dist[v] = f32::INFINITY;
-                t.parent[v] = NONE;
-                if !is_blocked {
-                    repair.affected.push(v);
-                }
+        Self::cut_from(base, t, repair, |v, p| {
+            if blocked.contains(&v) {
+                Cut::Blocked
+            } else if blocked_links.contains(&(p, v)) {
+                Cut::Search
             } else {
-                t.order.push(v as u32);
+                Cut::Keep
             }
-        }
+        });
         for &d in targets {
             repair.marks[d as usize] = true;
         }
@@ -1095,6 +1076,52 @@ impl Dense {
             repair.cut[v as usize] = false;
         }
     }
+
+    /// Starts a repair of `base` (a complete tree from its first relay)
+    /// into `t`: relays `cut_off` cuts, and every relay below them (parents
+    /// settle before children, so one pass finds them), are marked in
+    /// `repair.cut` and reset to unreached, those to search again listed in
+    /// `repair.affected`; the rest keep their paths, in `t.order`.
+    fn cut_from(
+        base: &Tree,
+        t: &mut Tree,
+        repair: &mut Repair,
+        cut_off: impl Fn(usize, usize) -> Cut,
+    ) {
+        t.dist.copy_from_slice(&base.dist);
+        t.parent.copy_from_slice(&base.parent);
+        t.order.clear();
+        t.order.push(base.order[0]);
+        repair.affected.clear();
+        for &v in &base.order[1..] {
+            let (v, p) = (v as usize, base.parent[v as usize] as usize);
+            let cut = match cut_off(v, p) {
+                Cut::Keep if repair.cut[p] => Cut::Search,
+                cut => cut,
+            };
+            if cut == Cut::Keep {
+                t.order.push(v as u32);
+                continue;
+            }
+            repair.cut[v] = true;
+            t.dist[v] = f32::INFINITY;
+            t.parent[v] = NONE;
+            if cut == Cut::Search {
+                repair.affected.push(v);
+            }
+        }
+    }
+}
+
+/// What a repair does with one relay of the base tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Its path stays.
+    Keep,
+    /// Its path is gone: searched again.
+    Search,
+    /// Never entered.
+    Blocked,
 }
 
 /// The path from `s` to `d` in a tree of parents, if `d` is in it.
