@@ -16,9 +16,9 @@
 //! Thousands of probe samples a second thus become a handful of log
 //! entries a minute in a steady network.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use topology::{Metrics, PoorThresholds, RelayId, RouteSet};
 
@@ -72,7 +72,7 @@ pub fn meaningful_change(old: &Metrics, new: &Metrics, poor: &PoorThresholds) ->
 #[derive(Debug, Clone)]
 pub struct LinkReporter {
     period: Duration,
-    last_sent: HashMap<RelayId, Option<Metrics>>,
+    last_sent: FxHashMap<RelayId, Option<Metrics>>,
     last_full: Instant,
 }
 
@@ -82,7 +82,7 @@ impl LinkReporter {
     pub fn new(period: Duration, now: Instant) -> Self {
         Self {
             period,
-            last_sent: HashMap::new(),
+            last_sent: FxHashMap::default(),
             last_full: now,
         }
     }
@@ -128,8 +128,9 @@ impl LinkReporter {
 #[derive(Debug, Default)]
 pub struct RouteEngine {
     config: EngineConfig,
-    reports: HashMap<(RelayId, RelayId), (Option<Metrics>, Instant)>,
-    heard: HashMap<RelayId, Instant>,
+    // Keyed by relay ids from the replicated membership: a fast hash.
+    reports: FxHashMap<(RelayId, RelayId), (Option<Metrics>, Instant)>,
+    heard: FxHashMap<RelayId, Instant>,
     last_epoch: Option<Instant>,
     in_flight: bool,
     leader_since: Option<Instant>,

@@ -43,6 +43,7 @@ use rand_chacha::ChaCha8Rng;
 use relay_core::token::Claims;
 use relay_core::wire::client::{ClientToRelay, Delivery, Publish, Role};
 use relay_core::{Action, ChannelId, ClientId, Relay, RelayConfig};
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 use topology::{Graph, Hops, Metrics, PoorThresholds, RelayId, RouteSet, RoutingConfig};
 
@@ -402,12 +403,12 @@ pub struct Sim {
     nodes: Vec<Node>,
     /// Base one-way profile between two relays' countries (by site), and
     /// the base RTT (for peering choices).
-    base: HashMap<(usize, usize), Profile>,
+    base: FxHashMap<(usize, usize), Profile>,
     domestic: Profile,
-    impair: HashMap<(usize, usize), Profile>,
-    cut: HashSet<(usize, usize)>,
-    models: HashMap<(u32, u32), LinkModel>,
-    connected: HashSet<(u32, u32)>,
+    impair: FxHashMap<(usize, usize), Profile>,
+    cut: FxHashSet<(usize, usize)>,
+    models: FxHashMap<(u32, u32), LinkModel>,
+    connected: FxHashSet<(u32, u32)>,
     poor: PoorThresholds,
     routing: RoutingConfig,
     cp: ControlPlane,
@@ -505,7 +506,7 @@ impl Sim {
             loss: m.loss.max(spec.base_loss),
             ..Profile::CLEAN
         };
-        let mut base = HashMap::new();
+        let mut base = FxHashMap::default();
         for (&(a, b), m) in &world.links {
             base.insert((a, b), base_profile(m));
         }
@@ -597,7 +598,7 @@ impl Sim {
                 }
             }
         }
-        let mut models = HashMap::new();
+        let mut models = FxHashMap::default();
         for &(a, b) in &peer_set {
             if rtt(&nodes[a as usize], &nodes[b as usize]).is_none() {
                 continue;
@@ -710,10 +711,10 @@ impl Sim {
             nodes,
             base,
             domestic,
-            impair: HashMap::new(),
-            cut: HashSet::new(),
+            impair: FxHashMap::default(),
+            cut: FxHashSet::default(),
             models,
-            connected: HashSet::new(),
+            connected: FxHashSet::default(),
             poor: routing.cost.poor,
             routing,
             cp: ControlPlane {

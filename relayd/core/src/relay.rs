@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use topology::RouteTable;
 
@@ -126,7 +127,12 @@ struct ClientState {
 pub struct Relay {
     config: RelayConfig,
     channels: Channels,
-    links: HashMap<RelayId, PeerLink>,
+    /// Keyed by authenticated peers (no untrusted keys): a fast hash.
+    links: FxHashMap<RelayId, PeerLink>,
+    /// Every link's [`PeerLink::next_timeout`], kept beside the map: the
+    /// driver asks for the next timer after every event, and a scan of
+    /// this short array is far cheaper than a walk of the links.
+    timers: Vec<(RelayId, Option<Instant>)>,
     forwarding: Forwarding,
     dedup: DedupWindows,
     clients: HashMap<ClientId, ClientState>,
@@ -147,7 +153,8 @@ impl Relay {
         Self {
             config,
             channels: Channels::new(),
-            links: HashMap::new(),
+            links: FxHashMap::default(),
+            timers: Vec::new(),
             forwarding,
             dedup: DedupWindows::new(),
             clients: HashMap::new(),
@@ -259,7 +266,7 @@ impl Relay {
 
     /// When [`Relay::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let links = self.links.values().filter_map(PeerLink::next_timeout);
+        let links = self.timers.iter().filter_map(|&(_, t)| t);
         let drain = self.draining_until.filter(|_| !self.drain_finished);
         links.chain(drain).min()
     }
@@ -588,6 +595,7 @@ impl Relay {
         if link.update(now, &self.config.link) {
             self.link_changes.push_back((peer, link.is_usable()));
         }
+        set_timer(&mut self.timers, peer, link.next_timeout());
         self.forwarding.invalidate();
         // Tell the newcomer everything we know about interest.
         let own = self.own_interest();
@@ -614,6 +622,7 @@ impl Relay {
     pub fn handle_peer_disconnected(&mut self, peer: RelayId, now: Instant) {
         if let Some(l) = self.links.get_mut(&peer) {
             l.on_disconnected(now);
+            set_timer(&mut self.timers, peer, l.next_timeout());
             self.forwarding.invalidate();
         }
     }
@@ -708,9 +717,12 @@ impl Relay {
             }
             PeerDatagram::Echo { seq, report } => {
                 link.on_echo(seq, report, now);
-                if link.update(now, &self.config.link) {
+                let changed = link.update(now, &self.config.link);
+                let usable = link.is_usable();
+                set_timer(&mut self.timers, from, link.next_timeout());
+                if changed {
                     self.forwarding.invalidate();
-                    self.link_changes.push_back((from, link.is_usable()));
+                    self.link_changes.push_back((from, usable));
                 }
             }
             PeerDatagram::Media {
@@ -804,19 +816,23 @@ impl Relay {
     /// ends the drain when its deadline passes.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut changed = false;
-        for (&peer, link) in &mut self.links {
+        for (peer, timer) in &mut self.timers {
             // Links change state on their own only at their timeouts (probe
             // due, probe expired); echoes update them as they arrive.
-            if link.next_timeout().is_some_and(|t| t > now) {
+            if timer.is_some_and(|t| t > now) {
                 continue;
             }
+            let Some(link) = self.links.get_mut(peer) else {
+                continue;
+            };
             while let Some(probe) = link.poll_probe(now, &self.config.link) {
                 self.actions.push_back(Action::PeerDatagram {
-                    peer,
+                    peer: *peer,
                     datagram: probe,
                 });
             }
             changed |= link.update(now, &self.config.link);
+            *timer = link.next_timeout();
         }
         if changed {
             self.forwarding.invalidate();
@@ -959,9 +975,17 @@ impl Relay {
     }
 }
 
+/// Records `peer`'s next timer (a link's first: it is added).
+fn set_timer(timers: &mut Vec<(RelayId, Option<Instant>)>, peer: RelayId, at: Option<Instant>) {
+    match timers.iter_mut().find(|(p, _)| *p == peer) {
+        Some((_, t)) => *t = at,
+        None => timers.push((peer, at)),
+    }
+}
+
 /// The forwarder's view of this relay's links at one instant.
 struct Links<'a> {
-    links: &'a HashMap<RelayId, PeerLink>,
+    links: &'a FxHashMap<RelayId, PeerLink>,
     config: &'a LinkConfig,
     now: Instant,
 }
@@ -984,4 +1008,83 @@ fn encode_peer(frame: &PeerFrame) -> Bytes {
     let mut b = BytesMut::new();
     frame.encode(&mut b);
     b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timer array must always equal what the links themselves say.
+    fn assert_timers_match(relay: &Relay) {
+        assert_eq!(relay.timers.len(), relay.links.len());
+        for &(peer, at) in &relay.timers {
+            assert_eq!(at, relay.links[&peer].next_timeout(), "peer {peer:?}");
+        }
+        let earliest = relay
+            .links
+            .values()
+            .filter_map(PeerLink::next_timeout)
+            .min();
+        assert_eq!(relay.poll_timeout(), earliest);
+    }
+
+    #[test]
+    fn timers_track_every_link_through_probes_echoes_and_disconnects() {
+        let start = Instant::now();
+        // An adaptive probe timeout shorter than the probe interval: then
+        // each echo moves the link's next timer (from the probe's expiry to
+        // the next probe), and each probe moves it back.
+        let mut config = RelayConfig::new(RelayId(0));
+        config.link.metrics.adaptive_timeout = true;
+        config.link.probe_interval = Duration::from_millis(50);
+        let mut hub = Relay::new(config);
+        let mut peers: Vec<Relay> = (1..=4)
+            .map(|i| Relay::new(RelayConfig::new(RelayId(i))))
+            .collect();
+        for p in &mut peers {
+            hub.handle_peer_connected(p.id(), start);
+            p.handle_peer_connected(hub.id(), start);
+            assert_timers_match(&hub);
+        }
+        let mut now = start;
+        // Echoes arrive one step (7 ms) after their probe left.
+        let mut in_flight: Vec<(RelayId, Bytes)> = Vec::new();
+        for step in 0u32..600 {
+            now += Duration::from_millis(7);
+            for (from, echo) in std::mem::take(&mut in_flight) {
+                hub.handle_peer_datagram(from, &echo, now);
+                assert_timers_match(&hub);
+            }
+            if hub.poll_timeout().is_some_and(|t| t <= now) {
+                hub.handle_timeout(now);
+            }
+            assert_timers_match(&hub);
+            // Lose some probes (every third to peer 2, all of peer 4's for
+            // a while) so that probes also expire.
+            while let Some(action) = hub.poll_action() {
+                let Action::PeerDatagram { peer, datagram } = action else {
+                    continue;
+                };
+                if (peer.0 == 2 && step % 3 == 0) || (peer.0 == 4 && step < 200) {
+                    continue;
+                }
+                let p = &mut peers[peer.0 as usize - 1];
+                p.handle_peer_datagram(hub.id(), &datagram, now);
+                while let Some(reply) = p.poll_action() {
+                    if let Action::PeerDatagram { datagram, .. } = reply {
+                        in_flight.push((p.id(), datagram));
+                    }
+                }
+            }
+            match step {
+                100 => hub.handle_peer_disconnected(RelayId(3), now),
+                250 => hub.handle_peer_connected(RelayId(3), now),
+                _ => {}
+            }
+            assert_timers_match(&hub);
+        }
+        assert!(hub.links.values().all(PeerLink::is_connected));
+        assert!(hub.link_usable(RelayId(1)));
+        assert!(hub.links[&RelayId(1)].stats(now).samples > 50);
+    }
 }
