@@ -874,11 +874,8 @@ impl Sim {
 
     /// Executes relay `r`'s pending actions.
     fn drain(&mut self, r: u32) {
-        let mut actions = Vec::new();
+        // Actions are owned: handling one borrows nothing of the relay.
         while let Some(a) = self.nodes[r as usize].core.poll_action() {
-            actions.push(a);
-        }
-        for a in actions {
             match a {
                 Action::PeerDatagram { peer, datagram } => {
                     self.datagrams += 1;

@@ -286,16 +286,9 @@ impl LinkMetrics {
             sent -= o.sent;
             lost -= o.lost;
         }
-        let health = if self.consecutive_losses >= self.config.dead_after_losses {
-            LinkHealth::Dead
-        } else if self.samples == 0 {
-            LinkHealth::Unmeasured
-        } else {
-            LinkHealth::Alive
-        };
         LinkStats {
             rtt: self.srtt.map(Duration::from_secs_f64),
-            jitter: Duration::from_secs_f64(self.jitter),
+            jitter: self.jitter(),
             loss: if sent == 0 {
                 0.0
             } else {
@@ -305,8 +298,30 @@ impl LinkMetrics {
             samples: self.samples,
             age: self.last_echo.map(|t| now.saturating_duration_since(t)),
             consecutive_losses: self.consecutive_losses,
-            health,
+            health: self.health(),
         }
+    }
+
+    /// [`LinkStats::health`] alone: drivers check it at every echo and
+    /// timer, where the whole summary would be wasted.
+    pub fn health(&self) -> LinkHealth {
+        if self.consecutive_losses >= self.config.dead_after_losses {
+            LinkHealth::Dead
+        } else if self.samples == 0 {
+            LinkHealth::Unmeasured
+        } else {
+            LinkHealth::Alive
+        }
+    }
+
+    /// [`LinkStats::jitter`] alone.
+    pub fn jitter(&self) -> Duration {
+        Duration::from_secs_f64(self.jitter)
+    }
+
+    /// [`LinkStats::samples`] alone.
+    pub fn samples(&self) -> u64 {
+        self.samples
     }
 
     /// Loss and the number of observations behind it since `since`: a

@@ -193,10 +193,9 @@ impl PeerLink {
     /// the link's usability changed.
     pub fn update(&mut self, now: Instant, config: &LinkConfig) -> bool {
         self.metrics.expire_probes(now);
-        let stats = self.metrics.stats(now);
-        let alive = self.connected && stats.health != LinkHealth::Dead;
-        let jittery =
-            stats.samples >= 3 && stats.jitter.as_secs_f64() * 1e3 > config.poor.jitter_ms;
+        let m = &self.metrics;
+        let alive = self.connected && m.health() != LinkHealth::Dead;
+        let jittery = m.samples() >= 3 && m.jitter().as_secs_f64() * 1e3 > config.poor.jitter_ms;
         let before = self.usable;
         if self.usable {
             let (fast_loss, samples) = self
