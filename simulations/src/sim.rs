@@ -11,7 +11,11 @@
 //!   [`ClusterState`]: relays report their links as `relayd` does (on a
 //!   meaningful change, checked every 250 ms, and every 5 s), leases
 //!   expire, epochs are planned with hysteresis and backups are computed
-//!   with `topology`.
+//!   with `topology`. A relay's table gets its backups when it could first
+//!   use one (on arrival if a link is unusable or a next hop unknown, else
+//!   once a link turns unusable): forwarding reads a backup only then, so
+//!   the run is the same as with every table shipped complete (a test
+//!   compares both), and a steady network skips most of that work.
 //!
 //! What is modelled:
 //! - the network: per directed relay link a [`LinkModel`] (delay, jitter,
@@ -29,7 +33,9 @@
 //! `Instant`s as a fixed origin plus that duration, so nothing depends on
 //! the wall clock.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +51,9 @@ use relay_core::wire::client::{ClientToRelay, Delivery, Publish, Role};
 use relay_core::{Action, ChannelId, ClientId, Relay, RelayConfig};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
-use topology::{Graph, Hops, Metrics, PoorThresholds, RelayId, RouteSet, RoutingConfig};
+use topology::{
+    FixedRoutes, Graph, Hops, Metrics, PoorThresholds, RelayId, RouteSet, RoutingConfig,
+};
 
 use crate::queue::EventQueue;
 use crate::scenario::{EventKind, Scenario, named_profile, stack};
@@ -97,7 +105,13 @@ pub struct Node {
     life: u32,
     armed: Option<Duration>,
     reporter: LinkReporter,
+    /// The routes of the installed table's epoch while that table has no
+    /// backups yet: they are added once the relay could use one.
+    backups: Option<EpochRoutes>,
 }
+
+/// One epoch's routes, from which relays' tables are made.
+type EpochRoutes = Rc<RefCell<FixedRoutes>>;
 
 /// An event. Large payloads are boxed: every event moves through the
 /// queue's heap a few times, and the common ones (datagrams, timers) are
@@ -128,7 +142,7 @@ enum Ev {
         cp_life: u32,
     },
     RoutesReady {
-        routes: Box<RouteSet>,
+        routes: EpochRoutes,
         epoch: u64,
         cp_life: u32,
     },
@@ -136,6 +150,8 @@ enum Ev {
         relay: u32,
         life: u32,
         table: Box<topology::RouteTable>,
+        /// Where its backups come from, if it has none yet.
+        backups: Option<EpochRoutes>,
     },
     Scenario(usize),
     PairSample,
@@ -431,6 +447,10 @@ pub struct Sim {
     reroutes: Vec<Reroute>,
     unrecovered: usize,
     maps: Vec<MapSnapshot>,
+    /// Every relay's table gets its backups when it arrives, as the
+    /// control plane ships them, instead of once the relay could use one.
+    /// Same results, more time: for the test that says so.
+    eager_backups: bool,
 }
 
 impl std::fmt::Debug for Sim {
@@ -546,6 +566,7 @@ impl Sim {
                 life: 1,
                 armed: None,
                 reporter: LinkReporter::new(report_period, origin),
+                backups: None,
             });
         }
 
@@ -744,6 +765,7 @@ impl Sim {
             reroutes: Vec::new(),
             unrecovered: 0,
             maps: Vec::new(),
+            eager_backups: false,
             scenario,
         };
         for (a, b) in sim.models.keys().copied().collect::<Vec<_>>() {
@@ -751,6 +773,13 @@ impl Sim {
         }
         sim.setup_streams()?;
         Ok(sim)
+    }
+
+    /// Computes every table's backups when it arrives (see
+    /// `complete_backups`): the results must not change.
+    pub fn with_eager_backups(mut self) -> Sim {
+        self.eager_backups = true;
+        self
     }
 
     fn instant(&self) -> Instant {
@@ -872,8 +901,30 @@ impl Sim {
         }
     }
 
+    /// Adds the backups to relay `r`'s table if it could now use one: on
+    /// `arrival` of the table, or once one of its links is unusable (the
+    /// relays' forwarding reads a backup only then). Tables are otherwise
+    /// what the control plane computes, and in a steady network most
+    /// relays never need their backups: computing them for every relay at
+    /// every epoch was a quarter of the simulator's time.
+    fn complete_backups(&mut self, r: u32, arrival: bool) {
+        let node = &mut self.nodes[r as usize];
+        if node.backups.is_none()
+            || !(node.core.has_unusable_link() || arrival && node.core.may_use_backups())
+        {
+            return;
+        }
+        let routes = node.backups.take().expect("checked");
+        let table = routes.borrow_mut().with_backups(RelayId(r));
+        if let Some(mut table) = table {
+            table.set_epoch(node.core.route_table().epoch());
+            node.core.complete_route_table(table);
+        }
+    }
+
     /// Executes relay `r`'s pending actions.
     fn drain(&mut self, r: u32) {
+        self.complete_backups(r, false);
         // Actions are owned: handling one borrows nothing of the relay.
         while let Some(a) = self.nodes[r as usize].core.poll_action() {
             match a {
@@ -1286,29 +1337,21 @@ impl Sim {
             .push((self.now.as_secs_f64(), plan.route_changes));
         // The plan's primaries are the applied state's primary set.
         let state = &self.cp.state;
-        let routes = RouteSet::with_backups(&state.graph(), &state.policy.routing, &plan.primaries);
+        let routes = FixedRoutes::new(&state.graph(), &state.policy.routing, &plan.primaries);
         let at = self.now + Duration::from_millis(self.scenario.control_plane.compute_ms);
         let (epoch, cp_life) = (state.epoch, self.cp.life);
         self.cp.primaries = Some((state.epoch, state.basis, plan.primaries));
         self.push(
             at,
             Ev::RoutesReady {
-                routes: Box::new(routes),
+                routes: Rc::new(RefCell::new(routes)),
                 epoch,
                 cp_life,
             },
         );
     }
 
-    fn routes_ready(&mut self, routes: RouteSet, epoch: u64) {
-        // Each relay gets its own table, moved rather than copied.
-        let mut tables: Vec<Option<topology::RouteTable>> =
-            (0..self.nodes.len()).map(|_| None).collect();
-        for table in routes.into_tables() {
-            if let Some(slot) = tables.get_mut(table.source().0 as usize) {
-                *slot = Some(table);
-            }
-        }
+    fn routes_ready(&mut self, routes: EpochRoutes, epoch: u64) {
         for r in 0..self.nodes.len() as u32 {
             let node = &self.nodes[r as usize];
             if !node.alive {
@@ -1317,18 +1360,25 @@ impl Sim {
             let Some(p) = self.site_profile(self.cp.site, node.site) else {
                 continue;
             };
-            let mut table = tables[r as usize]
-                .take()
-                .unwrap_or_else(|| topology::RouteTable::empty(RelayId(r)));
+            // Backups now only when asked to (a test compares both ways);
+            // otherwise once the relay could use them.
+            let table = if self.eager_backups {
+                routes.borrow_mut().with_backups(RelayId(r))
+            } else {
+                routes.borrow().primaries(RelayId(r))
+            };
+            let mut table = table.unwrap_or_else(|| topology::RouteTable::empty(RelayId(r)));
             table.set_epoch(epoch);
             let at = self.now + Duration::from_secs_f64(p.delay_ms / 1e3);
             let life = node.life;
+            let backups = (!self.eager_backups).then(|| routes.clone());
             self.push(
                 at,
                 Ev::RoutesArrive {
                     relay: r,
                     life,
                     table: Box::new(table),
+                    backups,
                 },
             );
         }
@@ -1549,6 +1599,7 @@ impl Sim {
         let mut config = n.core.config().clone();
         config.epoch += 1;
         n.core = Relay::new(config);
+        n.backups = None;
         n.alive = true;
         n.life += 1;
         n.armed = None;
@@ -1812,13 +1863,21 @@ impl Sim {
                 cp_life,
             } => {
                 if self.cp.up && cp_life == self.cp.life {
-                    self.routes_ready(*routes, epoch);
+                    self.routes_ready(routes, epoch);
                 }
             }
-            Ev::RoutesArrive { relay, life, table } => {
+            Ev::RoutesArrive {
+                relay,
+                life,
+                table,
+                backups,
+            } => {
                 let node = &mut self.nodes[relay as usize];
                 if node.alive && node.life == life {
-                    node.core.set_route_table(*table);
+                    if node.core.set_route_table(*table) {
+                        node.backups = backups;
+                        self.complete_backups(relay, true);
+                    }
                     self.drain(relay);
                 }
             }

@@ -58,6 +58,38 @@ fn a_run_repeats_exactly_with_its_seed() {
     assert!(a != c, "a different seed changes the run");
 }
 
+/// Relays get their tables' backups only once they could use one (a link
+/// unusable); shipping every table with its backups, as the control plane
+/// does, must give the same run. The kill makes relays switch to backups
+/// and repair, and the degradation makes links unusable for long.
+#[test]
+fn backups_added_on_demand_change_nothing() {
+    let degrade = KILL.replace(
+        "kind = \"kill\"\nrelays = [\"SG-1\"]",
+        "kind = \"degrade\"\nfrom = [\"ID\"]\nprofile = \"sea-3g\"",
+    );
+    assert_ne!(degrade, KILL);
+    for (toml, seed) in [(KILL, 5), (degrade.as_str(), 6)] {
+        let scenario = Scenario::parse(toml, "test").unwrap();
+        let mut eager = scenario.clone();
+        eager.seed = seed;
+        let mut lazy = scenario;
+        lazy.seed = seed;
+        let eager = Sim::new(eager, &world(), false)
+            .unwrap()
+            .with_eager_backups()
+            .run();
+        let lazy = Sim::new(lazy, &world(), false).unwrap().run();
+        eprintln!("scenario {} seed {seed}", lazy.scenario);
+        assert!(!lazy.reroutes.is_empty(), "nothing was rerouted");
+        let (eager, lazy) = (
+            serde_json::to_string(&eager).unwrap(),
+            serde_json::to_string(&lazy).unwrap(),
+        );
+        assert!(eager == lazy, "backups on demand changed the run");
+    }
+}
+
 #[test]
 fn killed_transit_relay_is_routed_around_and_streams_keep_flowing() {
     let r = run(KILL, 7);

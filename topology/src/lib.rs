@@ -51,5 +51,5 @@ pub mod table;
 pub use cost::{CostModel, CostWeights, Metrics, PoorThresholds};
 pub use graph::{Graph, GraphError, RelayId, RelayState};
 pub use metrics::{LinkHealth, LinkMetrics, LinkMetricsConfig, LinkStats};
-pub use routing::{RouteSet, RouteSetChanges, RoutingConfig};
+pub use routing::{FixedRoutes, RouteSet, RouteSetChanges, RoutingConfig};
 pub use table::{Hops, Route, RouteDiff, RouteEntry, RouteTable, RouteTableError};

@@ -6,7 +6,9 @@
 //! are compared with a small tolerance.
 
 use proptest::prelude::*;
-use topology::{CostModel, Graph, Metrics, RelayId, RelayState, Route, RouteSet, RoutingConfig};
+use topology::{
+    CostModel, FixedRoutes, Graph, Metrics, RelayId, RelayState, Route, RouteSet, RoutingConfig,
+};
 
 const TOLERANCE: f64 = 1e-3;
 
@@ -272,6 +274,34 @@ proptest! {
                     "{}->{}: backup {:?} costs {}, detour {:?} costs {}", s, d, hops, backup.cost, detour, cost);
             }
         }
+    }
+
+    #[test]
+    fn tables_one_source_at_a_time_match_the_whole_set(case in sparse_case(), rotate in 0usize..64) {
+        let g = case.graph();
+        let config = RoutingConfig::default();
+        let primaries = RouteSet::primaries(&g, &config, None);
+        let whole = RouteSet::with_backups(&g, &config, &primaries);
+        let mut fixed = FixedRoutes::new(&g, &config, &primaries);
+        // Any order, some sources twice: a table must not depend on what
+        // the shared workspace computed before it.
+        let mut sources: Vec<RelayId> = whole.tables().iter().map(|t| t.source()).collect();
+        let k = rotate % sources.len().max(1);
+        sources.rotate_left(k);
+        let again: Vec<RelayId> = sources.iter().rev().take(3).copied().collect();
+        sources.extend(again);
+        for s in sources {
+            let expected = whole.table(s).expect("a table per relay");
+            let table = fixed.with_backups(s);
+            prop_assert_eq!(table.as_ref(), Some(expected));
+            let bare = fixed.primaries(s).expect("known relay");
+            prop_assert_eq!(bare.entries().len(), expected.entries().len());
+            for (a, b) in bare.entries().iter().zip(expected.entries()) {
+                prop_assert_eq!((a.destination, &a.primary), (b.destination, &b.primary));
+                prop_assert!(a.backup.is_none());
+            }
+        }
+        prop_assert!(fixed.with_backups(RelayId(10_000)).is_none());
     }
 
     #[test]

@@ -129,10 +129,10 @@ pub struct Relay {
     channels: Channels,
     /// Keyed by authenticated peers (no untrusted keys): a fast hash.
     links: FxHashMap<RelayId, PeerLink>,
-    /// Every link's [`PeerLink::next_timeout`], kept beside the map: the
-    /// driver asks for the next timer after every event, and a scan of
-    /// this short array is far cheaper than a walk of the links.
-    timers: Vec<(RelayId, Option<Instant>)>,
+    /// Every link's timer and usability, kept beside the map: the driver
+    /// asks after every event, and this short array is far cheaper to scan
+    /// than the links.
+    index: LinkIndex,
     forwarding: Forwarding,
     dedup: DedupWindows,
     clients: HashMap<ClientId, ClientState>,
@@ -154,7 +154,7 @@ impl Relay {
             config,
             channels: Channels::new(),
             links: FxHashMap::default(),
-            timers: Vec::new(),
+            index: LinkIndex::default(),
             forwarding,
             dedup: DedupWindows::new(),
             clients: HashMap::new(),
@@ -266,9 +266,42 @@ impl Relay {
 
     /// When [`Relay::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let links = self.timers.iter().filter_map(|&(_, t)| t);
+        let links = self.index.slots.iter().filter_map(|s| s.timer);
         let drain = self.draining_until.filter(|_| !self.drain_finished);
         links.chain(drain).min()
+    }
+
+    /// True when some peer link is not usable for forwarding. Only then
+    /// (or when a primary's next hop is no peer at all, see
+    /// [`Relay::may_use_backups`]) can a route's backup be chosen.
+    pub fn has_unusable_link(&self) -> bool {
+        self.index.unusable > 0
+    }
+
+    /// True when forwarding could choose a backup path now: a link is not
+    /// usable, or a primary route's next hop is not a known peer. A driver
+    /// that adds backups to the installed table only when they can matter
+    /// (the simulator) checks this when a table arrives and
+    /// [`Relay::has_unusable_link`] after each event.
+    pub fn may_use_backups(&self) -> bool {
+        self.has_unusable_link()
+            || self
+                .forwarding
+                .table()
+                .entries()
+                .iter()
+                .any(|e| !self.links.contains_key(&e.primary.next_hop()))
+    }
+
+    /// Replaces the installed table by `table` if it is this relay's table
+    /// of the same epoch (the same routes with their backups added).
+    /// Returns whether it was installed.
+    pub fn complete_route_table(&mut self, table: RouteTable) -> bool {
+        if table.source() != self.config.id || table.epoch() != self.forwarding.table().epoch() {
+            return false;
+        }
+        self.forwarding.set_table(table);
+        true
     }
 
     /// Installs a route table if its epoch is newer than the current
@@ -595,7 +628,7 @@ impl Relay {
         if link.update(now, &self.config.link) {
             self.link_changes.push_back((peer, link.is_usable()));
         }
-        set_timer(&mut self.timers, peer, link.next_timeout());
+        self.index.note(peer, link);
         self.forwarding.invalidate();
         // Tell the newcomer everything we know about interest.
         let own = self.own_interest();
@@ -622,7 +655,7 @@ impl Relay {
     pub fn handle_peer_disconnected(&mut self, peer: RelayId, now: Instant) {
         if let Some(l) = self.links.get_mut(&peer) {
             l.on_disconnected(now);
-            set_timer(&mut self.timers, peer, l.next_timeout());
+            self.index.note(peer, l);
             self.forwarding.invalidate();
         }
     }
@@ -719,7 +752,7 @@ impl Relay {
                 link.on_echo(seq, report, now);
                 let changed = link.update(now, &self.config.link);
                 let usable = link.is_usable();
-                set_timer(&mut self.timers, from, link.next_timeout());
+                self.index.note(from, link);
                 if changed {
                     self.forwarding.invalidate();
                     self.link_changes.push_back((from, usable));
@@ -816,23 +849,24 @@ impl Relay {
     /// ends the drain when its deadline passes.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut changed = false;
-        for (peer, timer) in &mut self.timers {
+        for i in 0..self.index.slots.len() {
             // Links change state on their own only at their timeouts (probe
             // due, probe expired); echoes update them as they arrive.
+            let LinkSlot { peer, timer, .. } = self.index.slots[i];
             if timer.is_some_and(|t| t > now) {
                 continue;
             }
-            let Some(link) = self.links.get_mut(peer) else {
+            let Some(link) = self.links.get_mut(&peer) else {
                 continue;
             };
             while let Some(probe) = link.poll_probe(now, &self.config.link) {
                 self.actions.push_back(Action::PeerDatagram {
-                    peer: *peer,
+                    peer,
                     datagram: probe,
                 });
             }
             changed |= link.update(now, &self.config.link);
-            *timer = link.next_timeout();
+            self.index.note_at(i, link);
         }
         if changed {
             self.forwarding.invalidate();
@@ -975,11 +1009,48 @@ impl Relay {
     }
 }
 
-/// Records `peer`'s next timer (a link's first: it is added).
-fn set_timer(timers: &mut Vec<(RelayId, Option<Instant>)>, peer: RelayId, at: Option<Instant>) {
-    match timers.iter_mut().find(|(p, _)| *p == peer) {
-        Some((_, t)) => *t = at,
-        None => timers.push((peer, at)),
+/// What the driver asks of every link after each event.
+#[derive(Debug, Default)]
+struct LinkIndex {
+    slots: Vec<LinkSlot>,
+    /// Slots whose link is not usable.
+    unusable: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LinkSlot {
+    peer: RelayId,
+    timer: Option<Instant>,
+    usable: bool,
+}
+
+impl LinkIndex {
+    /// Records `peer`'s link as it is now (a link's first: it is added).
+    fn note(&mut self, peer: RelayId, link: &PeerLink) {
+        match self.slots.iter().position(|s| s.peer == peer) {
+            Some(i) => self.note_at(i, link),
+            None => {
+                self.slots.push(LinkSlot {
+                    peer,
+                    timer: link.next_timeout(),
+                    usable: link.is_usable(),
+                });
+                self.unusable += usize::from(!link.is_usable());
+            }
+        }
+    }
+
+    fn note_at(&mut self, i: usize, link: &PeerLink) {
+        let slot = &mut self.slots[i];
+        slot.timer = link.next_timeout();
+        if slot.usable != link.is_usable() {
+            slot.usable = link.is_usable();
+            if slot.usable {
+                self.unusable -= 1;
+            } else {
+                self.unusable += 1;
+            }
+        }
     }
 }
 
@@ -1016,10 +1087,15 @@ mod tests {
 
     /// The timer array must always equal what the links themselves say.
     fn assert_timers_match(relay: &Relay) {
-        assert_eq!(relay.timers.len(), relay.links.len());
-        for &(peer, at) in &relay.timers {
-            assert_eq!(at, relay.links[&peer].next_timeout(), "peer {peer:?}");
+        assert_eq!(relay.index.slots.len(), relay.links.len());
+        for slot in &relay.index.slots {
+            let link = &relay.links[&slot.peer];
+            assert_eq!(slot.timer, link.next_timeout(), "peer {:?}", slot.peer);
+            assert_eq!(slot.usable, link.is_usable(), "peer {:?}", slot.peer);
         }
+        let unusable = relay.links.values().filter(|l| !l.is_usable()).count();
+        assert_eq!(relay.has_unusable_link(), unusable > 0);
+        assert_eq!(relay.index.unusable, unusable);
         let earliest = relay
             .links
             .values()

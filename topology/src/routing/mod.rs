@@ -134,13 +134,9 @@ impl RouteSet {
     /// metrics re-evaluated on `graph` and a backup computed for each.
     /// Primaries broken on this graph are dropped.
     pub fn with_backups(graph: &Graph, config: &RoutingConfig, primaries: &RouteSet) -> RouteSet {
-        let mut dense = Dense::new(graph, &config.cost);
-        let mut work = Workspace::new(dense.n);
-        let all: Vec<Vec<Option<Path>>> = (0..dense.n)
-            .map(|s| dense.fixed_primaries(s, primaries.table(dense.ids[s])))
-            .collect();
-        let tables = (0..dense.n)
-            .map(|s| dense.with_backups(s, &all, &mut work))
+        let mut fixed = FixedRoutes::new(graph, config, primaries);
+        let tables = (0..fixed.dense.n)
+            .map(|s| fixed.dense.with_backups(s, &fixed.all, &mut fixed.work))
             .collect();
         RouteSet { tables }
     }
@@ -210,6 +206,54 @@ impl RouteSet {
             c.backup_changed += d.backup_changed.len();
         }
         c
+    }
+}
+
+/// Fixed primaries on one graph, with backups computed one source at a
+/// time: [`RouteSet::with_backups`] for the sources asked about only. A
+/// source's table does not depend on which others were computed before
+/// it, so a caller that needs few tables (the simulator installs backups
+/// only once a relay could use them) gets the same tables for less.
+pub struct FixedRoutes {
+    dense: Dense,
+    /// Every source's primaries, re-evaluated on the graph: a source's
+    /// backups read its neighbours' (loop-free alternates).
+    all: Vec<Vec<Option<Path>>>,
+    work: Workspace,
+}
+
+impl FixedRoutes {
+    /// The given set's primary paths with their metrics re-evaluated on
+    /// `graph`; primaries broken there are dropped.
+    pub fn new(graph: &Graph, config: &RoutingConfig, primaries: &RouteSet) -> FixedRoutes {
+        let dense = Dense::new(graph, &config.cost);
+        let work = Workspace::new(dense.n);
+        let all = (0..dense.n)
+            .map(|s| dense.fixed_primaries(s, primaries.table(dense.ids[s])))
+            .collect();
+        FixedRoutes { dense, all, work }
+    }
+
+    /// `source`'s table without backups; `None` for a relay not in the
+    /// graph (or down).
+    pub fn primaries(&self, source: RelayId) -> Option<RouteTable> {
+        let s = self.dense.index(source)?;
+        Some(self.dense.table(s, &self.all[s], None))
+    }
+
+    /// `source`'s table with backups, as [`RouteSet::with_backups`] has
+    /// it; `None` for a relay not in the graph (or down).
+    pub fn with_backups(&mut self, source: RelayId) -> Option<RouteTable> {
+        let s = self.dense.index(source)?;
+        Some(self.dense.with_backups(s, &self.all, &mut self.work))
+    }
+}
+
+impl std::fmt::Debug for FixedRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixedRoutes")
+            .field("relays", &self.dense.n)
+            .finish_non_exhaustive()
     }
 }
 
