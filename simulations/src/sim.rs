@@ -925,6 +925,8 @@ impl Sim {
     /// Executes relay `r`'s pending actions.
     fn drain(&mut self, r: u32) {
         self.complete_backups(r, false);
+        // Usability changes are for relayd's logs: dropped here.
+        while self.nodes[r as usize].core.poll_link_change().is_some() {}
         // Actions are owned: handling one borrows nothing of the relay.
         while let Some(a) = self.nodes[r as usize].core.poll_action() {
             match a {

@@ -654,9 +654,13 @@ impl Relay {
     /// A peer connection ended.
     pub fn handle_peer_disconnected(&mut self, peer: RelayId, now: Instant) {
         if let Some(l) = self.links.get_mut(&peer) {
+            let was_usable = l.is_usable();
             l.on_disconnected(now);
             self.index.note(peer, l);
             self.forwarding.invalidate();
+            if was_usable {
+                self.link_changes.push_back((peer, false));
+            }
         }
     }
 
@@ -865,7 +869,11 @@ impl Relay {
                     datagram: probe,
                 });
             }
-            changed |= link.update(now, &self.config.link);
+            // A silent peer's link dies here, at its probes' timeouts.
+            if link.update(now, &self.config.link) {
+                changed = true;
+                self.link_changes.push_back((peer, link.is_usable()));
+            }
             self.index.note_at(i, link);
         }
         if changed {
@@ -1114,7 +1122,7 @@ mod tests {
         config.link.metrics.adaptive_timeout = true;
         config.link.probe_interval = Duration::from_millis(50);
         let mut hub = Relay::new(config);
-        let mut peers: Vec<Relay> = (1..=4)
+        let mut peers: Vec<Relay> = (1..=5)
             .map(|i| Relay::new(RelayConfig::new(RelayId(i))))
             .collect();
         for p in &mut peers {
@@ -1125,6 +1133,7 @@ mod tests {
         let mut now = start;
         // Echoes arrive one step (7 ms) after their probe left.
         let mut in_flight: Vec<(RelayId, Bytes)> = Vec::new();
+        let mut changes = Vec::new();
         for step in 0u32..600 {
             now += Duration::from_millis(7);
             for (from, echo) in std::mem::take(&mut in_flight) {
@@ -1136,12 +1145,19 @@ mod tests {
             }
             assert_timers_match(&hub);
             // Lose some probes (every third to peer 2, all of peer 4's for
-            // a while) so that probes also expire.
+            // a while, and peer 5 falls silent at step 400) so that probes
+            // also expire.
             while let Some(action) = hub.poll_action() {
                 let Action::PeerDatagram { peer, datagram } = action else {
                     continue;
                 };
-                if (peer.0 == 2 && step % 3 == 0) || (peer.0 == 4 && step < 200) {
+                let lost = match peer.0 {
+                    2 => step % 3 == 0,
+                    4 => step < 200,
+                    5 => step >= 400,
+                    _ => false,
+                };
+                if lost {
                     continue;
                 }
                 let p = &mut peers[peer.0 as usize - 1];
@@ -1158,7 +1174,19 @@ mod tests {
                 _ => {}
             }
             assert_timers_match(&hub);
+            while let Some((peer, usable)) = hub.poll_link_change() {
+                changes.push((step, peer.0, usable));
+            }
         }
+        // Peer 5's link dies at its probes' timeouts (no echo comes to
+        // notice it), peer 3's with its connection: both are reported.
+        let died = |p, after| {
+            changes
+                .iter()
+                .any(|&(step, peer, usable)| peer == p && step >= after && !usable)
+        };
+        assert!(died(5, 400), "{changes:?}");
+        assert!(changes.contains(&(100, 3, false)), "{changes:?}");
         assert!(hub.links.values().all(PeerLink::is_connected));
         assert!(hub.link_usable(RelayId(1)));
         assert!(hub.links[&RelayId(1)].stats(now).samples > 50);
