@@ -229,6 +229,13 @@ fn render_run(r: &RunResult) -> String {
         r.wall_s,
         r.duration_s / r.wall_s.max(1e-9)
     );
+    let (pending, completed) = r.backups_completed;
+    if pending > 0 {
+        let _ = writeln!(
+            s,
+            "  route tables: {pending} installed without backups, {completed} completed when the relay could use one"
+        );
+    }
     let (d, o, x) = r.poor_share;
     let _ = writeln!(
         s,

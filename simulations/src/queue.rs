@@ -28,7 +28,6 @@ pub struct EventQueue<T> {
     occupied: u128,
     /// The last key popped: no key below it may be pushed.
     last: u128,
-    len: usize,
     slots: Vec<Option<T>>,
     free: Vec<u32>,
     pushed: u64,
@@ -40,7 +39,6 @@ impl<T> Default for EventQueue<T> {
             buckets: (0..BUCKETS).map(|_| Vec::new()).collect(),
             occupied: 0,
             last: 0,
-            len: 0,
             slots: Vec::new(),
             free: Vec::new(),
             pushed: 0,
@@ -80,7 +78,6 @@ impl<T> EventQueue<T> {
             }
         };
         self.put(key, slot);
-        self.len += 1;
     }
 
     fn put(&mut self, key: u128, slot: u32) {
@@ -101,18 +98,16 @@ impl<T> EventQueue<T> {
             self.occupied &= !(1 << (i - 1));
             // The smallest key of the lowest non-empty bucket becomes
             // `last`; the others differ from it in a lower bit than `i`.
-            let moving = std::mem::take(&mut self.buckets[i]);
+            let mut moving = std::mem::take(&mut self.buckets[i]);
             self.last = moving.iter().map(|&(key, _)| key).min().expect("not empty");
             for &(key, slot) in &moving {
                 self.put(key, slot);
             }
             // Hand the emptied vector back to keep its capacity.
-            let mut moving = moving;
             moving.clear();
             self.buckets[i] = moving;
         }
         let (key, slot) = self.buckets[0].pop().expect("the minimum is in bucket 0");
-        self.len -= 1;
         let event = self.slots[slot as usize]
             .take()
             .expect("a queued slot is full");
@@ -122,12 +117,13 @@ impl<T> EventQueue<T> {
 
     /// Number of pending events.
     pub fn len(&self) -> usize {
-        self.len
+        // Every slot is pending or free.
+        self.slots.len() - self.free.len()
     }
 
     /// True when nothing is pending.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 }
 

@@ -82,6 +82,13 @@ fn backups_added_on_demand_change_nothing() {
         let lazy = Sim::new(lazy, &world(), false).unwrap().run();
         eprintln!("scenario {} seed {seed}", lazy.scenario);
         assert!(!lazy.reroutes.is_empty(), "nothing was rerouted");
+        // Some tables were completed on demand, some never needed it.
+        let (pending, completed) = lazy.backups_completed;
+        assert!(
+            0 < completed && completed < pending,
+            "{pending} {completed}"
+        );
+        assert_eq!(eager.backups_completed, (0, 0));
         let (eager, lazy) = (
             serde_json::to_string(&eager).unwrap(),
             serde_json::to_string(&lazy).unwrap(),

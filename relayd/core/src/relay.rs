@@ -142,7 +142,6 @@ pub struct Relay {
     draining_until: Option<Instant>,
     drain_finished: bool,
     actions: VecDeque<Action>,
-    link_changes: VecDeque<(RelayId, bool)>,
     stats: Stats,
 }
 
@@ -164,7 +163,6 @@ impl Relay {
             draining_until: None,
             drain_finished: false,
             actions: VecDeque::new(),
-            link_changes: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -256,7 +254,7 @@ impl Relay {
     /// The next change of a link's usability for forwarding
     /// (`(peer, usable)`), for logs and metrics.
     pub fn poll_link_change(&mut self) -> Option<(RelayId, bool)> {
-        self.link_changes.pop_front()
+        self.index.changes.pop_front()
     }
 
     /// The next action for the driver.
@@ -625,9 +623,7 @@ impl Relay {
             .entry(peer)
             .or_insert_with(|| PeerLink::new(&self.config.link));
         link.on_connected(now);
-        if link.update(now, &self.config.link) {
-            self.link_changes.push_back((peer, link.is_usable()));
-        }
+        link.update(now, &self.config.link);
         self.index.note(peer, link);
         self.forwarding.invalidate();
         // Tell the newcomer everything we know about interest.
@@ -654,13 +650,9 @@ impl Relay {
     /// A peer connection ended.
     pub fn handle_peer_disconnected(&mut self, peer: RelayId, now: Instant) {
         if let Some(l) = self.links.get_mut(&peer) {
-            let was_usable = l.is_usable();
             l.on_disconnected(now);
             self.index.note(peer, l);
             self.forwarding.invalidate();
-            if was_usable {
-                self.link_changes.push_back((peer, false));
-            }
         }
     }
 
@@ -754,12 +746,9 @@ impl Relay {
             }
             PeerDatagram::Echo { seq, report } => {
                 link.on_echo(seq, report, now);
-                let changed = link.update(now, &self.config.link);
-                let usable = link.is_usable();
-                self.index.note(from, link);
-                if changed {
+                link.update(now, &self.config.link);
+                if self.index.note(from, link) {
                     self.forwarding.invalidate();
-                    self.link_changes.push_back((from, usable));
                 }
             }
             PeerDatagram::Media {
@@ -870,11 +859,8 @@ impl Relay {
                 });
             }
             // A silent peer's link dies here, at its probes' timeouts.
-            if link.update(now, &self.config.link) {
-                changed = true;
-                self.link_changes.push_back((peer, link.is_usable()));
-            }
-            self.index.note_at(i, link);
+            link.update(now, &self.config.link);
+            changed |= self.index.note_at(i, link);
         }
         if changed {
             self.forwarding.invalidate();
@@ -1017,12 +1003,16 @@ impl Relay {
     }
 }
 
-/// What the driver asks of every link after each event.
+/// What the driver asks of every link after each event, noted after
+/// every change to a link (connect, disconnect, echo, timer): its next
+/// timer and its usability, whose changes are queued here for
+/// [`Relay::poll_link_change`].
 #[derive(Debug, Default)]
 struct LinkIndex {
     slots: Vec<LinkSlot>,
     /// Slots whose link is not usable.
     unusable: usize,
+    changes: VecDeque<(RelayId, bool)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1033,32 +1023,40 @@ struct LinkSlot {
 }
 
 impl LinkIndex {
-    /// Records `peer`'s link as it is now (a link's first: it is added).
-    fn note(&mut self, peer: RelayId, link: &PeerLink) {
-        match self.slots.iter().position(|s| s.peer == peer) {
-            Some(i) => self.note_at(i, link),
+    /// Records `peer`'s link as it is now (a new peer's link was
+    /// unusable before, as [`PeerLink::new`] makes it). Returns whether its
+    /// usability changed since the last note.
+    fn note(&mut self, peer: RelayId, link: &PeerLink) -> bool {
+        let i = match self.slots.iter().position(|s| s.peer == peer) {
+            Some(i) => i,
             None => {
                 self.slots.push(LinkSlot {
                     peer,
-                    timer: link.next_timeout(),
-                    usable: link.is_usable(),
+                    timer: None,
+                    usable: false,
                 });
-                self.unusable += usize::from(!link.is_usable());
+                self.unusable += 1;
+                self.slots.len() - 1
             }
-        }
+        };
+        self.note_at(i, link)
     }
 
-    fn note_at(&mut self, i: usize, link: &PeerLink) {
+    fn note_at(&mut self, i: usize, link: &PeerLink) -> bool {
         let slot = &mut self.slots[i];
         slot.timer = link.next_timeout();
-        if slot.usable != link.is_usable() {
-            slot.usable = link.is_usable();
-            if slot.usable {
-                self.unusable -= 1;
-            } else {
-                self.unusable += 1;
-            }
+        let usable = link.is_usable();
+        if slot.usable == usable {
+            return false;
         }
+        slot.usable = usable;
+        if usable {
+            self.unusable -= 1;
+        } else {
+            self.unusable += 1;
+        }
+        self.changes.push_back((slot.peer, usable));
+        true
     }
 }
 

@@ -135,9 +135,7 @@ impl RouteSet {
     /// Primaries broken on this graph are dropped.
     pub fn with_backups(graph: &Graph, config: &RoutingConfig, primaries: &RouteSet) -> RouteSet {
         let mut fixed = FixedRoutes::new(graph, config, primaries);
-        let tables = (0..fixed.dense.n)
-            .map(|s| fixed.dense.with_backups(s, &fixed.all, &mut fixed.work))
-            .collect();
+        let tables = (0..fixed.dense.n).map(|s| fixed.table_at(s)).collect();
         RouteSet { tables }
     }
 
@@ -245,7 +243,11 @@ impl FixedRoutes {
     /// it; `None` for a relay not in the graph (or down).
     pub fn with_backups(&mut self, source: RelayId) -> Option<RouteTable> {
         let s = self.dense.index(source)?;
-        Some(self.dense.with_backups(s, &self.all, &mut self.work))
+        Some(self.table_at(s))
+    }
+
+    fn table_at(&mut self, s: usize) -> RouteTable {
+        self.dense.with_backups(s, &self.all, &mut self.work)
     }
 }
 
