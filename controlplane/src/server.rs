@@ -198,10 +198,11 @@ pub async fn start(config: CpConfig) -> anyhow::Result<CpHandle> {
     let server = config
         .tls
         .quic_server(&[RAFT_ALPN, API_ALPN, RELAY_ALPN], transport_cfg.clone())?;
-    let endpoint = config
-        .tls
-        .quic_endpoint(server, config.listen)
-        .with_context(|| format!("binding {}", config.listen))?;
+    let endpoint = config.tls.quic_endpoint(
+        server,
+        std::net::UdpSocket::bind(config.listen)
+            .with_context(|| format!("binding {}", config.listen))?,
+    )?;
     let client = config.tls.quic_node_client(RAFT_ALPN, transport_cfg)?;
     let mut transport = Transport::new(
         config.node.id,

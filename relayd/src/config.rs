@@ -95,6 +95,13 @@ struct RelaySection {
     /// Runtime worker threads (1: everything on one thread).
     #[serde(default = "default_worker_threads")]
     worker_threads: usize,
+    /// UDP receive and send buffer asked of the kernel, bytes.
+    #[serde(default = "default_socket_buffer")]
+    socket_buffer_bytes: usize,
+}
+
+fn default_socket_buffer() -> usize {
+    relay_net::quic::DEFAULT_SOCKET_BUFFER
 }
 
 fn default_worker_threads() -> usize {
@@ -238,6 +245,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Runtime worker threads.
     pub worker_threads: usize,
+    /// UDP socket buffers asked of the kernel, bytes each way.
+    pub socket_buffer_bytes: usize,
     /// The control plane, if any.
     pub control_plane: Option<ControlPlane>,
 }
@@ -313,6 +322,12 @@ impl ConfigFile {
         }
         if !(1..=256).contains(&r.worker_threads) {
             return Err(invalid("relay.worker_threads", "must be between 1 and 256"));
+        }
+        if !(64 * 1024..=1 << 30).contains(&r.socket_buffer_bytes) {
+            return Err(invalid(
+                "relay.socket_buffer_bytes",
+                "must be between 65536 (64 KiB) and 1073741824 (1 GiB)",
+            ));
         }
         if r.max_channels_per_client == 0 {
             return Err(invalid(
@@ -514,6 +529,7 @@ impl ConfigFile {
             log_level: self.log.level.clone(),
             log_format: self.log.format,
             worker_threads: r.worker_threads,
+            socket_buffer_bytes: r.socket_buffer_bytes,
             control_plane,
         })
     }

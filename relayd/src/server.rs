@@ -22,7 +22,7 @@ use relay_core::wire::client::{CLIENT_ALPN, CloseCode, MAX_FRAME_LEN};
 use relay_core::wire::peer::{MAX_PEER_FRAME_LEN, PEER_ALPN, PeerFrame};
 use relay_core::{Action, ClientId, Relay, RelayId, Stats};
 use relay_net::framing::{FrameError, read_frame, spawn_writer};
-use relay_net::quic::media_transport;
+use relay_net::quic::{bind_udp, media_transport};
 use relay_net::tls::{check_name, negotiated_alpn, peer_certificate, relay_name};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -221,10 +221,21 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .tls
         .quic_server(&[CLIENT_ALPN, PEER_ALPN], transport.clone())
         .context("TLS server config")?;
+    let (socket, buffers) = bind_udp(config.listen, config.socket_buffer_bytes)
+        .with_context(|| format!("binding UDP {}", config.listen))?;
+    if buffers.capped() {
+        warn!(
+            requested = buffers.requested,
+            recv = buffers.recv,
+            send = buffers.send,
+            "the kernel capped the UDP socket buffers: bursts beyond them are dropped before \
+             QUIC sees them; raise net.core.rmem_max and net.core.wmem_max"
+        );
+    }
     let mut endpoint = config
         .tls
-        .quic_endpoint(server, config.listen)
-        .with_context(|| format!("binding QUIC endpoint on {}", config.listen))?;
+        .quic_endpoint(server, socket)
+        .with_context(|| format!("starting the QUIC endpoint on {}", config.listen))?;
     let peer_client = config
         .tls
         .quic_node_client(PEER_ALPN, transport)

@@ -91,6 +91,10 @@ fn check_config_accepts_valid_and_explains_invalid() {
             "probe.interval_ms",
         ),
         (good.replace("id = 2\n", "id = 1\n"), "peers[0].id"),
+        (
+            good.replace("[relay]", "[relay]\nsocket_buffer_bytes = 1000"),
+            "relay.socket_buffer_bytes",
+        ),
         ("this is not toml".into(), "check.toml"),
     ];
     for (text, expect) in cases {

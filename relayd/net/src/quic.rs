@@ -11,6 +11,7 @@
 //! streams on them carry little.
 
 use std::any::Any;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,62 @@ pub fn media_transport() -> quinn::TransportConfig {
     t
 }
 
+/// UDP socket buffer size asked for by default. A relay's one socket
+/// carries every client's and peer's packets; the kernel's default (about
+/// 200 KB, a few hundred small datagrams) overflows whenever the relay's
+/// thread is descheduled for a millisecond or two at tens of thousands of
+/// datagrams per second, and the kernel then drops packets before QUIC sees
+/// them. 8 MiB holds several hundred milliseconds of such a burst.
+pub const DEFAULT_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// What the kernel granted for a socket's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// Bytes asked for, each direction.
+    pub requested: usize,
+    /// Receive buffer granted, bytes.
+    pub recv: usize,
+    /// Send buffer granted, bytes.
+    pub send: usize,
+}
+
+impl SocketBuffers {
+    /// Whether the kernel capped either buffer below the request (on Linux
+    /// at `net.core.rmem_max` / `net.core.wmem_max`).
+    pub fn capped(&self) -> bool {
+        self.recv < self.requested || self.send < self.requested
+    }
+}
+
+/// Binds a UDP socket for a QUIC endpoint with `buffer` bytes of receive
+/// and send buffer, as far as the kernel allows. Being capped is not an
+/// error (the caller should say so: see [`SocketBuffers::capped`]).
+pub fn bind_udp(
+    addr: SocketAddr,
+    buffer: usize,
+) -> std::io::Result<(std::net::UdpSocket, SocketBuffers)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_recv_buffer_size(buffer)?;
+    socket.set_send_buffer_size(buffer)?;
+    socket.bind(&addr.into())?;
+    // Linux reports twice the granted size (the doubling covers its own
+    // bookkeeping); other systems report what they granted.
+    let granted = |reported: usize| {
+        if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        }
+    };
+    let buffers = SocketBuffers {
+        requested: buffer,
+        recv: granted(socket.recv_buffer_size()?),
+        send: granted(socket.send_buffer_size()?),
+    };
+    Ok((socket.into(), buffers))
+}
+
 /// Transport for control connections (Raft, operator tools): standard
 /// congestion control.
 pub fn control_transport() -> quinn::TransportConfig {
@@ -98,4 +155,29 @@ pub fn control_transport() -> quinn::TransportConfig {
         Duration::from_millis(2500).try_into().expect("2.5 s fits"),
     ));
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_socket_reports_its_buffers() {
+        let (socket, buffers) = bind_udp("127.0.0.1:0".parse().unwrap(), 256 * 1024).unwrap();
+        assert_ne!(socket.local_addr().unwrap().port(), 0);
+        assert_eq!(buffers.requested, 256 * 1024);
+        // Granted, or capped by the system's maximum: never zero.
+        assert!(buffers.recv > 0 && buffers.send > 0, "{buffers:?}");
+        assert_eq!(
+            buffers.capped(),
+            buffers.recv < 256 * 1024 || buffers.send < 256 * 1024
+        );
+    }
+
+    #[test]
+    fn a_request_above_the_system_maximum_is_capped_not_refused() {
+        // 1 GiB is above any default net.core.rmem_max.
+        let (_socket, buffers) = bind_udp("127.0.0.1:0".parse().unwrap(), 1 << 30).unwrap();
+        assert!(buffers.capped(), "{buffers:?}");
+    }
 }

@@ -153,7 +153,7 @@ impl TlsIdentity {
         self.roots.clone()
     }
 
-    /// A QUIC endpoint serving `server` on `addr`, whose stateless-reset
+    /// A QUIC endpoint serving `server` on a bound `socket`, whose stateless-reset
     /// key is derived from this node's private key: after a restart the
     /// node still recognises its old connections' reset tokens, so peers
     /// holding a stale connection to it learn at their next packet that
@@ -161,7 +161,7 @@ impl TlsIdentity {
     pub fn quic_endpoint(
         &self,
         server: quinn::ServerConfig,
-        addr: std::net::SocketAddr,
+        socket: std::net::UdpSocket,
     ) -> std::io::Result<quinn::Endpoint> {
         use sha2::Digest;
         let seed = sha2::Sha256::new()
@@ -170,7 +170,6 @@ impl TlsIdentity {
             .finalize();
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed);
         let config = quinn::EndpointConfig::new(Arc::new(key));
-        let socket = std::net::UdpSocket::bind(addr)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
         quinn::Endpoint::new(config, Some(server), socket, runtime)
