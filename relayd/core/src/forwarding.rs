@@ -114,8 +114,10 @@ impl Forwarding {
 
     /// The path to `dest`: the primary, or the backup when the primary's
     /// next hop is not usable and the backup's next hop is in a better
-    /// state (usable, or less lossy); a direct link to a usable neighbour
-    /// when the table has no entry.
+    /// state (usable, or less lossy); the direct link to a neighbour that
+    /// is not down when the table has no entry (a degraded link is poor,
+    /// but there is nothing better to use: dropping everything would be
+    /// worse).
     pub fn path_to(&self, dest: RelayId, links: &impl LinkView) -> Option<Chosen> {
         if let Some(e) = self.table.get(dest) {
             let primary = links.state(e.primary.next_hop());
@@ -133,7 +135,7 @@ impl Forwarding {
                 rerouted: false,
             });
         }
-        links.usable(dest).then(|| Chosen {
+        (links.state(dest) != LinkState::Down).then(|| Chosen {
             hops: [self.me, dest].into_iter().collect(),
             rerouted: false,
         })
@@ -247,6 +249,26 @@ mod tests {
         assert_eq!(f.path_to(RelayId(5), &all).unwrap().hops.len(), 2);
         assert!(f.path_to(RelayId(5), &no3).is_some());
         assert!(f.path_to(RelayId(5), &|_| false).is_none());
+    }
+
+    #[test]
+    fn without_an_entry_a_degraded_neighbour_is_still_used() {
+        // Overload or a lossy stretch makes the only link degraded: a
+        // relay with no route for the neighbour keeps forwarding on it
+        // instead of dropping everything.
+        let f = Forwarding::new(RelayId(1));
+        struct View(LinkState);
+        impl LinkView for View {
+            fn state(&self, _: RelayId) -> LinkState {
+                self.0
+            }
+        }
+        let c = f
+            .path_to(RelayId(2), &View(LinkState::Degraded(0.06)))
+            .unwrap();
+        assert_eq!(c.hops.as_slice(), &[RelayId(1), RelayId(2)]);
+        assert!(!c.rerouted);
+        assert!(f.path_to(RelayId(2), &View(LinkState::Down)).is_none());
     }
 
     #[test]
