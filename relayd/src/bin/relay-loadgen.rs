@@ -1,16 +1,22 @@
 //! `relay-loadgen`: load generator for relayd.
 //!
 //! Starts real `relayd` processes on loopback (one relay, or a chain of
-//! two), connects publisher/subscriber pairs through them with the SDK, and
-//! pushes 200-byte datagrams at a fixed rate. Reports, per run:
+//! two), connects publisher/subscriber pairs through them with the SDK (each
+//! client on its own socket), and pushes 200-byte datagrams at a fixed rate.
+//! Reports, per run:
 //! - datagrams forwarded per second (by each relay),
 //! - the relays' CPU time per million forwarded datagrams (from
 //!   /proc/<pid>/stat) and so forwarded datagrams per second per core used,
-//! - p50/p99 end-to-end latency publisher -> relay(s) -> subscriber, and
-//! - loss.
+//!   next to the load generator's own CPU (the two share the machine),
+//! - p50/p99 one-way latency publisher -> relay(s) -> subscriber, and loss;
+//! - the latency the relays add: each publisher also has a direct QUIC
+//!   connection (same endpoint, same transport settings) to a sink in the
+//!   load generator, and the relayed and direct paths are measured at the
+//!   same rate in interleaved rounds; added = relayed minus direct, at p50
+//!   and at p99.
 //!
 //! `--sweep` raises the rate until loss appears or the relay cannot keep
-//! up, then measures latency at half of that maximum.
+//! up, then measures the added latency at half of that maximum.
 //!
 //! ```text
 //! cargo run -p relayd --release --bin relay-loadgen -- --sweep
@@ -18,18 +24,93 @@
 //! ```
 #![allow(clippy::disallowed_methods)] // a benchmark reads clocks
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
 use relay_core::token::Claims;
 use relay_core::wire::client::Role;
 use relay_net::pki::{Node, init_dev_pki};
-use relay_sdk::session::{Session, client_config};
+use relay_net::quic::{DEFAULT_SOCKET_BUFFER, bind_udp, media_transport};
+use relay_net::tls::{TlsIdentity, quic_client_with_roots};
+use relay_sdk::session::{Incoming, MediaSender, Session, client_config};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Pin {
+    /// Pin when there are enough CPUs.
+    Auto,
+    /// Let the scheduler place everything.
+    Off,
+}
+
+/// CPU sets for the relays and the load generator, as `taskset` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    relays: String,
+    generator: String,
+}
+
+/// The CPUs this process may run on (Linux `Cpus_allowed_list`, e.g.
+/// "0-3,8").
+fn allowed_cpus() -> anyhow::Result<Vec<u32>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    parse_cpu_list(list.trim())
+}
+
+fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<u32>()?..=b.parse::<u32>()?),
+            None => cpus.push(part.parse()?),
+        }
+    }
+    Ok(cpus)
+}
+
+fn join_cpus(cpus: &[u32]) -> String {
+    cpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Splits `cpus`: the last `relay_cpus` for the relays, the rest for the
+/// load generator; `None` when that leaves the generator nothing.
+fn placement(cpus: &[u32], relay_cpus: usize) -> Option<Placement> {
+    let relay_cpus = relay_cpus.max(1);
+    if cpus.len() <= relay_cpus {
+        return None;
+    }
+    let (generator, relays) = cpus.split_at(cpus.len() - relay_cpus);
+    Some(Placement {
+        relays: join_cpus(relays),
+        generator: join_cpus(generator),
+    })
+}
+
+/// Pins this process's main thread (threads started later inherit it).
+fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?;
+    anyhow::ensure!(status.success(), "taskset failed: {status}");
+    Ok(())
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Topology {
@@ -59,32 +140,25 @@ struct Cli {
     /// Find the maximum rate, then measure at half of it.
     #[arg(long)]
     sweep: bool,
+    /// Interleaved rounds of the direct and the relayed path for the
+    /// added-latency figure.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Keep the run's folder (relay configs and logs) and print its path.
+    #[arg(long)]
+    keep: bool,
     /// Print the result as JSON too.
     #[arg(long)]
     json: bool,
     /// Worker threads of each relayd.
     #[arg(long, default_value_t = 1)]
     relay_threads: usize,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-struct RunResult {
-    topology: String,
-    offered_rate: u64,
-    sent: u64,
-    received: u64,
-    loss: f64,
-    /// Datagrams forwarded per second, summed over the relays.
-    forwarded_per_s: f64,
-    /// Relay CPU seconds per second of run (cores used), summed.
-    relay_cores: f64,
-    /// Relay CPU seconds per million forwarded datagrams.
-    cpu_s_per_million: f64,
-    /// Forwarded datagrams per second per core of relay CPU.
-    per_core: f64,
-    p50_us: f64,
-    p99_us: f64,
-    max_us: f64,
+    /// Give the relays CPUs of their own (the last `--relay-threads` of
+    /// those this process may use) and keep the load generator on the
+    /// others, so that the figures are the relays', not those of a fight
+    /// for the same cores. Needs at least one CPU left for the generator.
+    #[arg(long, value_enum, default_value = "auto")]
+    pin: Pin,
 }
 
 struct Relay {
@@ -99,16 +173,14 @@ impl Drop for Relay {
     }
 }
 
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// User + system CPU seconds so far of a process (`pid`, or "self").
+fn cpu_seconds(pid: &str, ticks: f64) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start at ')'.
     let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields[11].parse()?;
     let stime: f64 = fields[12].parse()?;
-    // SAFETY-free: sysconf via libc is safe to call.
-    let ticks = clock_ticks();
     Ok((utime + stime) / ticks)
 }
 
@@ -131,7 +203,12 @@ fn free_port() -> u16 {
 
 const SECRET_HEX: &str = "4c6f616467656e2d7365637265742d30313233343536373839";
 
-fn start_relays(dir: &Path, topology: Topology, threads: usize) -> anyhow::Result<Vec<Relay>> {
+fn start_relays(
+    dir: &std::path::Path,
+    topology: Topology,
+    threads: usize,
+    cpus: Option<&str>,
+) -> anyhow::Result<Vec<Relay>> {
     let n = if topology == Topology::Chain { 2 } else { 1 };
     init_dev_pki(
         &dir.join("pki"),
@@ -166,7 +243,15 @@ fn start_relays(dir: &Path, topology: Topology, threads: usize) -> anyhow::Resul
         let path = dir.join(format!("relay-{id}.toml"));
         std::fs::write(&path, cfg)?;
         let log = std::fs::File::create(dir.join(format!("relay-{id}.log")))?;
-        let child = Command::new(&relayd)
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(&relayd);
+                c
+            }
+            None => Command::new(&relayd),
+        };
+        let child = command
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
@@ -198,29 +283,238 @@ fn token(channel: &str, user: &str, role: Role) -> String {
     .sign(&secret)
 }
 
-struct Pair {
-    publisher: Arc<Session>,
-    channel: relay_core::ChannelId,
+/// A median one-way latency above this means datagrams wait in a queue
+/// that keeps growing: the path is saturated (unloaded it is well under a
+/// millisecond on loopback).
+const SATURATED_P50_US: f64 = 5000.0;
+
+/// Which way the datagrams go in a measurement.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// Publisher -> relay(s) -> subscriber.
+    Relayed,
+    /// Publisher's endpoint -> the load generator's own QUIC sink: the same
+    /// client stacks and machine without the relays, the baseline that
+    /// "added latency" is measured against.
+    Direct,
 }
 
-struct Shared {
+/// Receive side of one path: counts and one-way latencies.
+struct Recorder {
     received: AtomicU64,
-    histogram: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
-    epoch: Instant,
-    recording: std::sync::atomic::AtomicBool,
+    histogram: Mutex<Histogram<u64>>,
+    recording: AtomicBool,
 }
 
-async fn connect(
-    roots: Arc<rustls::RootCertStore>,
+impl Recorder {
+    fn new() -> anyhow::Result<Arc<Recorder>> {
+        Ok(Arc::new(Recorder {
+            received: AtomicU64::new(0),
+            histogram: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            recording: AtomicBool::new(false),
+        }))
+    }
+
+    /// Records a datagram whose first 8 bytes are its send time.
+    fn record(&self, payload: &[u8], epoch: Instant) {
+        let Some(stamp) = payload.get(..8) else {
+            return;
+        };
+        let sent_ns = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
+        let now_ns = epoch.elapsed().as_nanos() as u64;
+        if self.recording.load(Ordering::Relaxed) {
+            self.received.fetch_add(1, Ordering::Relaxed);
+            let us = now_ns.saturating_sub(sent_ns) / 1000;
+            let _ = self.histogram.lock().unwrap().record(us.max(1));
+        }
+    }
+
+    fn start(&self) {
+        self.received.store(0, Ordering::Relaxed);
+        self.histogram.lock().unwrap().reset();
+        self.recording.store(true, Ordering::Relaxed);
+    }
+
+    fn stop(&self) -> (u64, Histogram<u64>) {
+        self.recording.store(false, Ordering::Relaxed);
+        (
+            self.received.load(Ordering::Relaxed),
+            self.histogram.lock().unwrap().clone(),
+        )
+    }
+}
+
+struct Pair {
+    /// Both sessions stay open for the run.
+    _sessions: [Session; 2],
+    publisher: MediaSender,
+    channel: relay_core::ChannelId,
+    /// From the publisher's endpoint straight to the sink.
+    direct: quinn::Connection,
+}
+
+/// What one or more runs on one path measured.
+#[derive(Clone)]
+struct Sample {
+    path: Path,
+    rate: u64,
+    sent: u64,
+    received: u64,
+    /// Sending time.
+    send_seconds: f64,
+    /// Sending time plus the wait for the tail (CPU is counted over it).
+    seconds: f64,
+    relay_cpu: f64,
+    own_cpu: f64,
+    histogram: Histogram<u64>,
+}
+
+impl Sample {
+    fn merge(&mut self, other: &Sample) {
+        self.sent += other.sent;
+        self.received += other.received;
+        self.send_seconds += other.send_seconds;
+        self.seconds += other.seconds;
+        self.relay_cpu += other.relay_cpu;
+        self.own_cpu += other.own_cpu;
+        self.histogram
+            .add(&other.histogram)
+            .expect("histograms of the same bounds");
+    }
+
+    fn result(&self, topology: Topology, relays: usize) -> RunResult {
+        let forwarded = match self.path {
+            // Each delivered datagram was forwarded once per relay on its way.
+            Path::Relayed => self.received * relays as u64,
+            Path::Direct => 0,
+        };
+        let cpu = self.relay_cpu;
+        RunResult {
+            path: match self.path {
+                Path::Relayed => format!("{topology:?}").to_lowercase(),
+                Path::Direct => "direct".into(),
+            },
+            offered_rate: self.rate,
+            sent: self.sent,
+            sent_per_s: self.sent as f64 / self.send_seconds,
+            received: self.received,
+            loss: if self.sent == 0 {
+                0.0
+            } else {
+                1.0 - self.received as f64 / self.sent as f64
+            },
+            forwarded_per_s: forwarded as f64 / self.send_seconds,
+            relay_cores: cpu / self.seconds,
+            loadgen_cores: self.own_cpu / self.seconds,
+            cpu_s_per_million: if forwarded == 0 {
+                0.0
+            } else {
+                cpu / forwarded as f64 * 1e6
+            },
+            per_core: if cpu == 0.0 || forwarded == 0 {
+                0.0
+            } else {
+                forwarded as f64 / cpu
+            },
+            p50_us: self.histogram.value_at_quantile(0.5) as f64,
+            p99_us: self.histogram.value_at_quantile(0.99) as f64,
+            max_us: self.histogram.max() as f64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct RunResult {
+    /// "single" or "chain" (through the relays), or "direct" (baseline).
+    path: String,
+    offered_rate: u64,
+    sent: u64,
+    /// Achieved sending rate (below the offered one when the load
+    /// generator cannot keep up).
+    sent_per_s: f64,
+    received: u64,
+    loss: f64,
+    /// Datagrams forwarded per second, summed over the relays.
+    forwarded_per_s: f64,
+    /// Relay CPU seconds per second of run (cores used), summed.
+    relay_cores: f64,
+    /// The load generator's own CPU seconds per second of run.
+    loadgen_cores: f64,
+    /// Relay CPU seconds per million forwarded datagrams.
+    cpu_s_per_million: f64,
+    /// Forwarded datagrams per second per core of relay CPU.
+    per_core: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+/// Latency the relays add: the relayed path's percentiles minus the direct
+/// path's, both measured at the same rate in interleaved rounds.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Added {
+    offered_rate: u64,
+    rounds: usize,
+    relayed: RunResult,
+    direct: RunResult,
+    added_p50_us: f64,
+    added_p99_us: f64,
+}
+
+impl Added {
+    fn new(rounds: usize, relayed: RunResult, direct: RunResult) -> Added {
+        Added {
+            offered_rate: relayed.offered_rate,
+            rounds,
+            added_p50_us: relayed.p50_us - direct.p50_us,
+            added_p99_us: relayed.p99_us - direct.p99_us,
+            relayed,
+            direct,
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    runs: Vec<RunResult>,
+    max_loss_free_rate: Option<u64>,
+    added: Option<Added>,
+}
+
+struct Bench {
+    duration: Duration,
+    size: usize,
+    topology: Topology,
+    relays: Vec<Relay>,
+    pairs: Vec<Pair>,
+    epoch: Instant,
+    relayed: Arc<Recorder>,
+    direct: Arc<Recorder>,
+    ticks: f64,
+    /// CPUs the load generator may use.
+    generator_cpus: usize,
+}
+
+fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
+    let (socket, _) = bind_udp("127.0.0.1:0".parse()?, DEFAULT_SOCKET_BUFFER)?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        quinn::default_runtime().context("no async runtime")?,
+    )?)
+}
+
+async fn connect_session(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<Session> {
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let config = client_config(roots)?;
     // Retry while the relay starts.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Session::connect(
-            &endpoint,
+            endpoint,
             config.clone(),
             addr,
             "localhost",
@@ -230,7 +524,9 @@ async fn connect(
         {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() < deadline => {
-                tracing_like(&format!("waiting for relay at {addr}: {e}"));
+                if std::env::var_os("LOADGEN_VERBOSE").is_some() {
+                    eprintln!("waiting for relay at {addr}: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(e.into()),
@@ -238,162 +534,235 @@ async fn connect(
     }
 }
 
-fn tracing_like(msg: &str) {
-    if std::env::var_os("LOADGEN_VERBOSE").is_some() {
-        eprintln!("{msg}");
-    }
+/// The direct path's receiver: a QUIC server with the relays' transport
+/// settings that records every datagram it gets.
+fn start_sink(
+    dir: &std::path::Path,
+    recorder: Arc<Recorder>,
+    epoch: Instant,
+) -> anyhow::Result<quinn::Endpoint> {
+    let tls = TlsIdentity::load(
+        &dir.join("pki/ca.pem"),
+        &dir.join("pki/relay-1.pem"),
+        &dir.join("pki/relay-1.key"),
+        "relays.internal",
+    )?;
+    let server = tls.quic_server(&[DIRECT_ALPN], Arc::new(media_transport()))?;
+    let (socket, _) = bind_udp("127.0.0.1:0".parse()?, DEFAULT_SOCKET_BUFFER)?;
+    let endpoint = tls.quic_endpoint(server, socket)?;
+    let accept = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accept.accept().await {
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok(d) = conn.read_datagram().await {
+                    recorder.record(&d, epoch);
+                }
+            });
+        }
+    });
+    Ok(endpoint)
 }
 
-async fn setup(
-    dir: &Path,
-    relays: &[Relay],
-    pairs: usize,
-    shared: Arc<Shared>,
-) -> anyhow::Result<Vec<Pair>> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem"))? {
-        roots.add(c?)?;
-    }
-    let roots = Arc::new(roots);
-    let pub_addr = relays[0].addr;
-    let sub_addr = relays[relays.len() - 1].addr;
-    let mut out = Vec::new();
-    for i in 0..pairs {
-        let name = format!("bench-{i}");
-        let mut sub = connect(roots.clone(), sub_addr).await?;
-        sub.join(&name, &token(&name, &format!("sub{i}"), Role::Subscriber))
-            .await?;
-        let mut publisher = connect(roots.clone(), pub_addr).await?;
-        let joined = publisher
-            .join(&name, &token(&name, &format!("pub{i}"), Role::Publisher))
-            .await?;
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Ok(m) = sub.recv_media().await {
-                let sent_ns = u64::from_be_bytes(m.payload[..8].try_into().expect("8-byte stamp"));
-                let now_ns = shared.epoch.elapsed().as_nanos() as u64;
-                if shared.recording.load(Ordering::Relaxed) {
-                    shared.received.fetch_add(1, Ordering::Relaxed);
-                    let us = now_ns.saturating_sub(sent_ns) / 1000;
-                    let _ = shared.histogram.lock().unwrap().record(us.max(1));
-                }
-            }
-        });
-        out.push(Pair {
-            publisher: Arc::new(publisher),
-            channel: joined.channel,
-        });
-    }
-    Ok(out)
-}
+const DIRECT_ALPN: &[u8] = b"relay-loadgen-direct";
 
-async fn run_once(
-    cli: &Cli,
-    pairs: &[Pair],
-    relays: &[Relay],
-    shared: &Arc<Shared>,
-    rate: u64,
-) -> anyhow::Result<RunResult> {
-    shared.received.store(0, Ordering::Relaxed);
-    shared.histogram.lock().unwrap().reset();
-    shared.recording.store(true, Ordering::Relaxed);
-    let cpu_before: Vec<f64> = relays
-        .iter()
-        .map(|r| cpu_seconds(r.child.id()))
-        .collect::<Result<_, _>>()?;
-    let started = Instant::now();
-    let duration = Duration::from_secs_f64(cli.duration);
-    let per_pair = rate as f64 / pairs.len() as f64;
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let n = pairs.len();
-    for (i, p) in pairs.iter().enumerate() {
-        let (publisher, channel, sent, shared) =
-            (p.publisher.clone(), p.channel, sent.clone(), shared.clone());
-        let size = cli.size;
-        tasks.push(tokio::spawn(async move {
-            let mut payload = vec![0u8; size];
-            // Send in 1 ms ticks, as many as the schedule says are due;
-            // publishers tick at staggered phases so their bursts spread.
-            let phase = Duration::from_micros((1000 * i / n) as u64);
-            let mut tick =
-                tokio::time::interval_at((Instant::now() + phase).into(), Duration::from_millis(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut done = 0u64;
-            loop {
-                tick.tick().await;
-                let elapsed = started.elapsed();
-                if elapsed >= duration {
-                    break;
-                }
-                let due = (elapsed.as_secs_f64() * per_pair) as u64;
-                while done < due {
-                    let stamp = shared.epoch.elapsed().as_nanos() as u64;
-                    payload[..8].copy_from_slice(&stamp.to_be_bytes());
-                    if publisher.publish(channel, &payload).is_ok() {
-                        sent.fetch_add(1, Ordering::Relaxed);
+impl Bench {
+    async fn setup(
+        cli: &Cli,
+        dir: &std::path::Path,
+        relay_cpus: Option<&str>,
+    ) -> anyhow::Result<Bench> {
+        let relays = start_relays(dir, cli.topology, cli.relay_threads, relay_cpus)?;
+        let epoch = Instant::now();
+        let relayed = Recorder::new()?;
+        let direct = Recorder::new()?;
+        let sink = start_sink(dir, direct.clone(), epoch)?;
+        let sink_addr = sink.local_addr()?;
+
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem"))? {
+            roots.add(c?)?;
+        }
+        let roots = Arc::new(roots);
+        let config = client_config(roots.clone())?;
+        let direct_config =
+            quic_client_with_roots(roots, DIRECT_ALPN, Arc::new(media_transport()))?;
+        let pub_addr = relays[0].addr;
+        let sub_addr = relays[relays.len() - 1].addr;
+        let mut pairs = Vec::new();
+        for i in 0..cli.pairs {
+            let name = format!("bench-{i}");
+            // Every client has its own socket, as on separate machines.
+            let (sub_endpoint, pub_endpoint) = (client_endpoint()?, client_endpoint()?);
+            let mut sub = connect_session(&sub_endpoint, &config, sub_addr).await?;
+            sub.join(&name, &token(&name, &format!("sub{i}"), Role::Subscriber))
+                .await?;
+            let mut publisher = connect_session(&pub_endpoint, &config, pub_addr).await?;
+            let joined = publisher
+                .join(&name, &token(&name, &format!("pub{i}"), Role::Publisher))
+                .await?;
+            let direct = pub_endpoint
+                .connect_with(direct_config.clone(), sink_addr, "localhost")?
+                .await?;
+            let recorder = relayed.clone();
+            let media = sub.datagrams();
+            tokio::spawn(async move {
+                while let Ok(incoming) = media.recv().await {
+                    if let Incoming::Media(m) = incoming {
+                        recorder.record(&m.payload, epoch);
                     }
-                    done += 1;
+                }
+            });
+            pairs.push(Pair {
+                publisher: publisher.media_sender(),
+                _sessions: [sub, publisher],
+                channel: joined.channel,
+                direct,
+            });
+        }
+        Ok(Bench {
+            duration: Duration::from_secs_f64(cli.duration),
+            size: cli.size,
+            topology: cli.topology,
+            relays,
+            pairs,
+            epoch,
+            relayed,
+            direct,
+            ticks: clock_ticks(),
+            generator_cpus: allowed_cpus().map_or(1, |c| c.len()),
+        })
+    }
+
+    fn relay_cpu(&self) -> anyhow::Result<f64> {
+        let mut sum = 0.0;
+        for r in &self.relays {
+            sum += cpu_seconds(&r.child.id().to_string(), self.ticks)?;
+        }
+        Ok(sum)
+    }
+
+    /// Sends at `rate` datagrams/s on `path` for the configured duration.
+    async fn run(&self, path: Path, rate: u64, duration: Duration) -> anyhow::Result<Sample> {
+        let recorder = match path {
+            Path::Relayed => &self.relayed,
+            Path::Direct => &self.direct,
+        };
+        recorder.start();
+        let relay_before = self.relay_cpu()?;
+        let own_before = cpu_seconds("self", self.ticks)?;
+        let started = Instant::now();
+        let senders: Vec<Sender> = self
+            .pairs
+            .iter()
+            .map(|p| match path {
+                Path::Relayed => Sender::Relayed(p.publisher.clone(), p.channel),
+                Path::Direct => Sender::Direct(p.direct.clone()),
+            })
+            .collect();
+        let (epoch, size) = (self.epoch, self.size);
+        let sent = tokio::task::spawn_blocking(move || pace(&senders, rate, duration, size, epoch))
+            .await?;
+        let send_seconds = started.elapsed().as_secs_f64();
+        // Let the tail arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (received, histogram) = recorder.stop();
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(Sample {
+            path,
+            rate,
+            sent,
+            received,
+            send_seconds,
+            seconds,
+            relay_cpu: self.relay_cpu()? - relay_before,
+            own_cpu: cpu_seconds("self", self.ticks)? - own_before,
+            histogram,
+        })
+    }
+
+    fn result(&self, sample: &Sample) -> RunResult {
+        sample.result(self.topology, self.relays.len())
+    }
+
+    /// Whether the load generator used nearly all of its CPUs: then it,
+    /// not the relay, may set the figures.
+    fn generator_saturated(&self, r: &RunResult) -> bool {
+        let saturated = r.loadgen_cores >= 0.9 * self.generator_cpus as f64;
+        if saturated {
+            println!(
+                "warning: the load generator used {:.2} of its {} CPU(s): it may be what limits this run",
+                r.loadgen_cores, self.generator_cpus
+            );
+        }
+        saturated
+    }
+
+    /// Interleaved rounds of the direct and the relayed path at one rate.
+    async fn added(&self, rate: u64, rounds: usize) -> anyhow::Result<Added> {
+        let mut relayed: Option<Sample> = None;
+        let mut direct: Option<Sample> = None;
+        for _ in 0..rounds.max(1) {
+            for (path, acc) in [(Path::Direct, &mut direct), (Path::Relayed, &mut relayed)] {
+                let s = self.run(path, rate, self.duration).await?;
+                match acc {
+                    Some(a) => a.merge(&s),
+                    None => *acc = Some(s),
                 }
             }
-        }));
+        }
+        Ok(Added::new(
+            rounds.max(1),
+            self.result(&relayed.expect("one round")),
+            self.result(&direct.expect("one round")),
+        ))
     }
-    for t in tasks {
-        t.await?;
+}
+
+/// One publisher's way out.
+enum Sender {
+    Relayed(MediaSender, relay_core::ChannelId),
+    Direct(quinn::Connection),
+}
+
+/// How far ahead of its schedule the pacer may run before it sleeps.
+const PACE_SLACK: Duration = Duration::from_micros(200);
+
+/// Sends `rate` datagrams/s for `duration`, spread evenly in time and over
+/// the publishers in turn, as independent clients would (a pacer sleeps
+/// whenever it is ahead of schedule by more than [`PACE_SLACK`], so bursts
+/// stay within a fraction of a millisecond). Returns how many were sent.
+fn pace(senders: &[Sender], rate: u64, duration: Duration, size: usize, epoch: Instant) -> u64 {
+    let mut payload = vec![0u8; size.max(8)];
+    let started = Instant::now();
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let mut sent = 0;
+    for k in 0..total {
+        let due = started + Duration::from_secs_f64(k as f64 / rate as f64);
+        let now = Instant::now();
+        if due > now + PACE_SLACK {
+            std::thread::sleep(due - now);
+        }
+        let stamp = epoch.elapsed().as_nanos() as u64;
+        payload[..8].copy_from_slice(&stamp.to_be_bytes());
+        let ok = match &senders[k as usize % senders.len()] {
+            Sender::Relayed(publisher, channel) => publisher.publish(*channel, &payload).is_ok(),
+            Sender::Direct(conn) => conn.send_datagram(Bytes::copy_from_slice(&payload)).is_ok(),
+        };
+        sent += u64::from(ok);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    // Let the tail arrive.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    shared.recording.store(false, Ordering::Relaxed);
-    let cpu_after: Vec<f64> = relays
-        .iter()
-        .map(|r| cpu_seconds(r.child.id()))
-        .collect::<Result<_, _>>()?;
-    let cpu: f64 = cpu_after.iter().zip(&cpu_before).map(|(a, b)| a - b).sum();
-    let sent = sent.load(Ordering::Relaxed);
-    let received = shared.received.load(Ordering::Relaxed);
-    // Each delivered datagram was forwarded once per relay on its way.
-    let forwarded = received * relays.len() as u64;
-    let h = shared.histogram.lock().unwrap();
-    let forwarded_per_s = forwarded as f64 / elapsed;
-    let relay_cores = cpu / (elapsed + 0.3);
-    Ok(RunResult {
-        topology: format!("{:?}", cli.topology).to_lowercase(),
-        offered_rate: rate,
-        sent,
-        received,
-        loss: if sent == 0 {
-            0.0
-        } else {
-            1.0 - received as f64 / sent as f64
-        },
-        forwarded_per_s,
-        relay_cores,
-        cpu_s_per_million: if forwarded == 0 {
-            0.0
-        } else {
-            cpu / forwarded as f64 * 1e6
-        },
-        per_core: if cpu == 0.0 {
-            0.0
-        } else {
-            forwarded as f64 / cpu
-        },
-        p50_us: h.value_at_quantile(0.5) as f64,
-        p99_us: h.value_at_quantile(0.99) as f64,
-        max_us: h.max() as f64,
-    })
+    sent
 }
 
 fn print(r: &RunResult) {
     println!(
-        "{:<6} offered {:>7}/s  sent {:>8}  received {:>8}  loss {:>6.3} %  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
-         {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us",
-        r.topology,
+        "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} %  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
+         {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us  (load generator {:.2} cores)",
+        r.path,
         r.offered_rate,
         r.sent,
+        r.sent_per_s,
         r.received,
         100.0 * r.loss,
         r.forwarded_per_s,
@@ -402,98 +771,195 @@ fn print(r: &RunResult) {
         r.per_core,
         r.p50_us,
         r.p99_us,
-        r.max_us
+        r.max_us,
+        r.loadgen_cores,
+    );
+}
+
+fn print_added(a: &Added, relays: usize) {
+    print(&a.direct);
+    print(&a.relayed);
+    println!(
+        "added by {relays} relay(s) at {}/s ({} interleaved rounds, relayed minus direct): p50 {:.0} us, p99 {:.0} us",
+        a.offered_rate, a.rounds, a.added_p50_us, a.added_p99_us
     );
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before the runtime starts its threads, so that they inherit the pin.
+    let placement = match cli.pin {
+        Pin::Off => None,
+        Pin::Auto => {
+            let placement = placement(&allowed_cpus()?, cli.relay_threads);
+            match placement.map(|p| pin_self(&p.generator).map(|()| p)) {
+                Some(Ok(p)) => {
+                    println!(
+                        "relays on CPU {}, load generator on CPU {}",
+                        p.relays, p.generator
+                    );
+                    Some(p)
+                }
+                Some(Err(e)) => {
+                    println!("cannot pin ({e:#}): relays and load generator share the CPUs");
+                    None
+                }
+                None => {
+                    println!("too few CPUs to pin: relays and load generator share them");
+                    None
+                }
+            }
+        }
+    };
+    // One worker per CPU of the generator's own: more threads than CPUs
+    // would take turns in scheduler slices of milliseconds.
+    let workers = match &placement {
+        Some(p) => p.generator.split(',').count(),
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     rt.block_on(async {
         let dir = tempdir()?;
-        let relays = start_relays(&dir, cli.topology, cli.relay_threads)?;
-        let shared = Arc::new(Shared {
-            received: AtomicU64::new(0),
-            histogram: std::sync::Mutex::new(hdrhistogram::Histogram::new_with_bounds(
-                1, 60_000_000, 3,
-            )?),
-            epoch: Instant::now(),
-            recording: std::sync::atomic::AtomicBool::new(false),
-        });
-        let pairs = setup(&dir, &relays, cli.pairs, shared.clone()).await?;
+        let bench = Bench::setup(&cli, &dir, placement.as_ref().map(|p| p.relays.as_str())).await?;
         // Interest propagates between chained relays.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        // Warm up.
-        run_once(
-            &Cli {
-                duration: 1.0,
-                ..cli.clone_args()
-            },
-            &pairs,
-            &relays,
-            &shared,
-            cli.rate.min(5000),
-        )
-        .await?;
-        let mut results = Vec::new();
-        if cli.sweep {
+        // Warm up both paths.
+        for path in [Path::Relayed, Path::Direct] {
+            bench
+                .run(path, cli.rate.min(5000), Duration::from_secs(1))
+                .await?;
+        }
+        let mut report = Report {
+            runs: Vec::new(),
+            max_loss_free_rate: None,
+            added: None,
+        };
+        let rate = if cli.sweep {
             let mut rate = 10_000u64;
-            let mut best: Option<RunResult> = None;
+            let mut best = None;
             loop {
-                let r = run_once(&cli, &pairs, &relays, &shared, rate).await?;
+                let r = bench.result(&bench.run(Path::Relayed, rate, bench.duration).await?);
                 print(&r);
-                let keeps_up =
-                    r.loss < 0.001 && (r.sent as f64) >= 0.98 * rate as f64 * cli.duration;
-                results.push(r.clone());
-                if !keeps_up || rate >= 1_000_000 {
+                // Keeping up: no loss, the generator sent what it offered,
+                // and no standing queue (deep socket buffers turn overload
+                // into delay before loss).
+                let keeps_up = r.loss < 0.001
+                    && r.sent_per_s >= 0.98 * rate as f64
+                    && r.p50_us < SATURATED_P50_US;
+                let generator_saturated = bench.generator_saturated(&r);
+                report.runs.push(r);
+                if !keeps_up {
                     break;
                 }
-                best = Some(r);
+                best = Some(rate);
+                if generator_saturated || rate >= 1_000_000 {
+                    break;
+                }
                 rate = (rate as f64 * 1.3) as u64;
             }
-            let max = best.map(|b| b.offered_rate).unwrap_or(rate);
+            let max = best.unwrap_or(rate);
             println!("maximum loss-free rate: {max} datagrams/s offered");
-            let half = run_once(&cli, &pairs, &relays, &shared, max / 2).await?;
-            print(&half);
-            println!(
-                "at half of the maximum: p99 latency {:.0} us, loss {:.3} %",
-                half.p99_us,
-                100.0 * half.loss
-            );
-            results.push(half);
+            report.max_loss_free_rate = Some(max);
+            max / 2
         } else {
-            let r = run_once(&cli, &pairs, &relays, &shared, cli.rate).await?;
-            print(&r);
-            results.push(r);
-        }
+            cli.rate
+        };
+        let added = bench.added(rate, cli.rounds).await?;
+        print_added(&added, bench.relays.len());
+        bench.generator_saturated(&added.relayed);
+        report.added = Some(added);
         if cli.json {
-            println!("{}", serde_json::to_string_pretty(&results)?);
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        drop(relays);
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(bench);
+        if cli.keep {
+            println!("relay configs and logs kept in {}", dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         anyhow::Ok(())
     })
-}
-
-impl Cli {
-    fn clone_args(&self) -> Cli {
-        Cli {
-            topology: self.topology,
-            pairs: self.pairs,
-            size: self.size,
-            rate: self.rate,
-            duration: self.duration,
-            sweep: self.sweep,
-            json: self.json,
-            relay_threads: self.relay_threads,
-        }
-    }
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("relay-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(path: Path, latencies_us: &[u64], sent: u64) -> Sample {
+        let mut histogram = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for &l in latencies_us {
+            histogram.record(l).unwrap();
+        }
+        Sample {
+            path,
+            rate: 1000,
+            sent,
+            received: latencies_us.len() as u64,
+            send_seconds: 1.0,
+            seconds: 1.25,
+            relay_cpu: 0.5,
+            own_cpu: 0.25,
+            histogram,
+        }
+    }
+
+    #[test]
+    fn figures_follow_from_counts_and_cpu() {
+        // 1000 sent, 990 received through a chain of two relays.
+        let latencies: Vec<u64> = (1..=990).collect();
+        let mut s = sample(Path::Relayed, &latencies, 1000);
+        let r = s.result(Topology::Chain, 2);
+        assert_eq!(r.path, "chain");
+        assert!((r.loss - 0.01).abs() < 1e-9);
+        assert_eq!(r.forwarded_per_s, 1980.0, "each datagram forwarded twice");
+        assert_eq!(r.relay_cores, 0.4);
+        assert_eq!(r.loadgen_cores, 0.2);
+        assert_eq!(r.per_core, 3960.0);
+        assert!((r.cpu_s_per_million - 0.5 / 1980.0 * 1e6).abs() < 1e-6);
+        // Rounds add up.
+        s.merge(&sample(Path::Relayed, &latencies, 1000));
+        let r = s.result(Topology::Chain, 2);
+        assert_eq!((r.sent, r.received), (2000, 1980));
+        assert_eq!(r.forwarded_per_s, 1980.0);
+    }
+
+    #[test]
+    fn added_latency_is_relayed_minus_direct() {
+        let direct = sample(Path::Direct, &[100; 100], 100).result(Topology::Single, 1);
+        assert_eq!((direct.path.as_str(), direct.per_core), ("direct", 0.0));
+        let mut relayed: Vec<u64> = vec![300; 98];
+        relayed.extend([5000, 5000]);
+        let relayed = sample(Path::Relayed, &relayed, 100).result(Topology::Single, 1);
+        let a = Added::new(3, relayed, direct);
+        assert_eq!(a.added_p50_us, 200.0);
+        // Within the histogram's precision (3 significant digits).
+        assert!((a.added_p99_us - 4900.0).abs() <= 5.0, "{}", a.added_p99_us);
+        assert_eq!((a.rounds, a.offered_rate), (3, 1000));
+    }
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-3,8").unwrap(), vec![0, 1, 2, 3, 8]);
+        assert_eq!(parse_cpu_list("5").unwrap(), vec![5]);
+        assert!(parse_cpu_list("x").is_err());
+    }
+
+    #[test]
+    fn relays_get_the_last_cpus_and_the_generator_keeps_one() {
+        let p = placement(&[0, 1], 1).unwrap();
+        assert_eq!((p.relays.as_str(), p.generator.as_str()), ("1", "0"));
+        let p = placement(&[0, 1, 2, 3], 2).unwrap();
+        assert_eq!((p.relays.as_str(), p.generator.as_str()), ("2,3", "0,1"));
+        assert_eq!(placement(&[0], 1), None);
+        assert_eq!(placement(&[0, 1], 2), None);
+    }
 }
