@@ -105,6 +105,22 @@ fn check_config_accepts_valid_and_explains_invalid() {
     }
 }
 
+#[test]
+fn the_example_config_is_valid() {
+    // `relayd/relay.example.toml` documents every key with its default: it
+    // must pass the check once the files it names exist.
+    let cluster = Cluster::new(3, 0);
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../relayd/relay.example.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let secrets = cluster.dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("shop.hex"), APP_SECRET_HEX).unwrap();
+    let (ok, out) = check_config(&cluster, &text);
+    assert!(ok, "{out}");
+    assert!(out.contains("relay 1") && out.contains("2 peers"), "{out}");
+}
+
 /// Three relays; the direct link 1 -> 3 goes through netshim and gets 10 %
 /// loss mid-stream. Relay 1 moves the stream to its backup through 2 within
 /// a few probe intervals, and the subscriber on 3 sees under 1 % loss.
