@@ -37,11 +37,6 @@ impl LinkState {
 pub trait LinkView {
     /// The state of the link to `peer`.
     fn state(&self, peer: RelayId) -> LinkState;
-
-    /// True when forwarding may use the link to `peer` without reservation.
-    fn usable(&self, peer: RelayId) -> bool {
-        self.state(peer) == LinkState::Usable
-    }
 }
 
 impl<F: Fn(RelayId) -> bool> LinkView for F {

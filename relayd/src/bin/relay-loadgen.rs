@@ -40,6 +40,7 @@ use relay_net::pki::{Node, init_dev_pki};
 use relay_net::quic::{DEFAULT_SOCKET_BUFFER, bind_udp, media_transport};
 use relay_net::tls::{TlsIdentity, quic_client_with_roots};
 use relay_sdk::session::{Incoming, MediaSender, Session, client_config};
+use relayd::config::default_cluster_domain;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -56,6 +57,7 @@ enum Pin {
 struct Placement {
     relays: String,
     generator: String,
+    generator_cpus: usize,
 }
 
 /// The CPUs this process may run on (Linux `Cpus_allowed_list`, e.g.
@@ -98,6 +100,7 @@ fn placement(cpus: &[u32], relay_cpus: usize) -> Option<Placement> {
     Some(Placement {
         relays: join_cpus(relays),
         generator: join_cpus(generator),
+        generator_cpus: generator.len(),
     })
 }
 
@@ -213,7 +216,7 @@ fn start_relays(
     init_dev_pki(
         &dir.join("pki"),
         &(1..=n).map(Node::Relay).collect::<Vec<_>>(),
-        "relays.internal",
+        &default_cluster_domain(),
         &[],
     )?;
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -545,7 +548,7 @@ fn start_sink(
         &dir.join("pki/ca.pem"),
         &dir.join("pki/relay-1.pem"),
         &dir.join("pki/relay-1.key"),
-        "relays.internal",
+        &default_cluster_domain(),
     )?;
     let server = tls.quic_server(&[DIRECT_ALPN], Arc::new(media_transport()))?;
     let (socket, _) = bind_udp("127.0.0.1:0".parse()?, DEFAULT_SOCKET_BUFFER)?;
@@ -572,6 +575,7 @@ impl Bench {
         cli: &Cli,
         dir: &std::path::Path,
         relay_cpus: Option<&str>,
+        generator_cpus: usize,
     ) -> anyhow::Result<Bench> {
         let relays = start_relays(dir, cli.topology, cli.relay_threads, relay_cpus)?;
         let epoch = Instant::now();
@@ -631,7 +635,7 @@ impl Bench {
             relayed,
             direct,
             ticks: clock_ticks(),
-            generator_cpus: allowed_cpus().map_or(1, |c| c.len()),
+            generator_cpus,
         })
     }
 
@@ -813,17 +817,18 @@ fn main() -> anyhow::Result<()> {
     };
     // One worker per CPU of the generator's own: more threads than CPUs
     // would take turns in scheduler slices of milliseconds.
-    let workers = match &placement {
-        Some(p) => p.generator.split(',').count(),
+    let generator_cpus = match &placement {
+        Some(p) => p.generator_cpus,
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(generator_cpus)
         .enable_all()
         .build()?;
     rt.block_on(async {
         let dir = tempdir()?;
-        let bench = Bench::setup(&cli, &dir, placement.as_ref().map(|p| p.relays.as_str())).await?;
+        let relay_cpus = placement.as_ref().map(|p| p.relays.as_str());
+        let bench = Bench::setup(&cli, &dir, relay_cpus, generator_cpus).await?;
         // Interest propagates between chained relays.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Warm up both paths.
@@ -959,6 +964,7 @@ mod tests {
         assert_eq!((p.relays.as_str(), p.generator.as_str()), ("1", "0"));
         let p = placement(&[0, 1, 2, 3], 2).unwrap();
         assert_eq!((p.relays.as_str(), p.generator.as_str()), ("2,3", "0,1"));
+        assert_eq!(p.generator_cpus, 2);
         assert_eq!(placement(&[0], 1), None);
         assert_eq!(placement(&[0, 1], 2), None);
     }
