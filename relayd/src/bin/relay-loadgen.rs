@@ -17,6 +17,8 @@
 //!
 //! `--sweep` raises the rate until loss appears or the relay cannot keep
 //! up, then measures the added latency at half of that maximum.
+//! `--realtime` runs the relays under SCHED_FIFO, to tell the relays' own
+//! latency from the host's scheduling noise.
 //!
 //! ```text
 //! cargo run -p relayd --release --bin relay-loadgen -- --sweep
@@ -162,6 +164,50 @@ struct Cli {
     /// for the same cores. Needs at least one CPU left for the generator.
     #[arg(long, value_enum, default_value = "auto")]
     pin: Pin,
+    /// Run the relays under the real-time policy SCHED_FIFO (`chrt`; needs
+    /// root or CAP_SYS_NICE), so that other work on their CPU (kernel
+    /// threads, other processes) cannot hold them up: separates the
+    /// relays' own latency from the host's scheduling noise.
+    #[arg(long)]
+    realtime: bool,
+}
+
+/// Priority of the relays under `--realtime` (1-99; low, so that the
+/// kernel's own real-time threads still come first).
+const REALTIME_PRIORITY: &str = "10";
+
+/// How the relay processes are started: under `chrt` and `taskset` when
+/// asked.
+#[derive(Debug, Clone, Default)]
+struct Launch {
+    cpus: Option<String>,
+    realtime: bool,
+}
+
+impl Launch {
+    fn command(&self, relayd: &std::path::Path) -> Command {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if self.realtime {
+            argv.extend(["chrt", "--fifo", REALTIME_PRIORITY].map(Into::into));
+        }
+        if let Some(cpus) = &self.cpus {
+            argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+        }
+        argv.push(relayd.into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        command
+    }
+}
+
+/// Whether this process may start real-time processes.
+fn realtime_allowed() -> bool {
+    Command::new("chrt")
+        .args(["--fifo", REALTIME_PRIORITY, "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 struct Relay {
@@ -210,7 +256,7 @@ fn start_relays(
     dir: &std::path::Path,
     topology: Topology,
     threads: usize,
-    cpus: Option<&str>,
+    launch: &Launch,
 ) -> anyhow::Result<Vec<Relay>> {
     let n = if topology == Topology::Chain { 2 } else { 1 };
     init_dev_pki(
@@ -246,15 +292,8 @@ fn start_relays(
         let path = dir.join(format!("relay-{id}.toml"));
         std::fs::write(&path, cfg)?;
         let log = std::fs::File::create(dir.join(format!("relay-{id}.log")))?;
-        let mut command = match cpus {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(&relayd);
-                c
-            }
-            None => Command::new(&relayd),
-        };
-        let child = command
+        let child = launch
+            .command(&relayd)
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
@@ -290,6 +329,9 @@ fn token(channel: &str, user: &str, role: Role) -> String {
 /// that keeps growing: the path is saturated (unloaded it is well under a
 /// millisecond on loopback).
 const SATURATED_P50_US: f64 = 5000.0;
+/// A p99 above this means long stalls: bursts queue behind a relay that
+/// no longer drains them quickly, although the median still looks fine.
+const SATURATED_P99_US: f64 = 10_000.0;
 
 /// Which way the datagrams go in a measurement.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -452,6 +494,19 @@ struct RunResult {
     max_us: f64,
 }
 
+impl RunResult {
+    /// Whether the path kept up with the offered rate: no loss, the
+    /// generator sent what it offered, and neither a standing queue nor
+    /// long stalls (deep socket buffers turn overload into delay before
+    /// loss).
+    fn keeps_up(&self) -> bool {
+        self.loss < 0.001
+            && self.sent_per_s >= 0.98 * self.offered_rate as f64
+            && self.p50_us < SATURATED_P50_US
+            && self.p99_us < SATURATED_P99_US
+    }
+}
+
 /// Latency the relays add: the relayed path's percentiles minus the direct
 /// path's, both measured at the same rate in interleaved rounds.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -479,6 +534,8 @@ impl Added {
 
 #[derive(Debug, serde::Serialize)]
 struct Report {
+    /// Whether the relays ran under SCHED_FIFO.
+    realtime: bool,
     runs: Vec<RunResult>,
     max_loss_free_rate: Option<u64>,
     added: Option<Added>,
@@ -574,10 +631,10 @@ impl Bench {
     async fn setup(
         cli: &Cli,
         dir: &std::path::Path,
-        relay_cpus: Option<&str>,
+        launch: &Launch,
         generator_cpus: usize,
     ) -> anyhow::Result<Bench> {
-        let relays = start_relays(dir, cli.topology, cli.relay_threads, relay_cpus)?;
+        let relays = start_relays(dir, cli.topology, cli.relay_threads, launch)?;
         let epoch = Instant::now();
         let relayed = Recorder::new()?;
         let direct = Recorder::new()?;
@@ -821,14 +878,29 @@ fn main() -> anyhow::Result<()> {
         Some(p) => p.generator_cpus,
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
+    let realtime = cli.realtime
+        && {
+            let allowed = realtime_allowed();
+            if allowed {
+                println!("relays under SCHED_FIFO, priority {REALTIME_PRIORITY}");
+            } else {
+                println!(
+                    "cannot run the relays real-time (chrt failed: no root or CAP_SYS_NICE?): normal scheduling"
+                );
+            }
+            allowed
+        };
+    let launch = Launch {
+        cpus: placement.as_ref().map(|p| p.relays.clone()),
+        realtime,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(generator_cpus)
         .enable_all()
         .build()?;
     rt.block_on(async {
         let dir = tempdir()?;
-        let relay_cpus = placement.as_ref().map(|p| p.relays.as_str());
-        let bench = Bench::setup(&cli, &dir, relay_cpus, generator_cpus).await?;
+        let bench = Bench::setup(&cli, &dir, &launch, generator_cpus).await?;
         // Interest propagates between chained relays.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Warm up both paths.
@@ -838,6 +910,7 @@ fn main() -> anyhow::Result<()> {
                 .await?;
         }
         let mut report = Report {
+            realtime,
             runs: Vec::new(),
             max_loss_free_rate: None,
             added: None,
@@ -848,12 +921,7 @@ fn main() -> anyhow::Result<()> {
             loop {
                 let r = bench.result(&bench.run(Path::Relayed, rate, bench.duration).await?);
                 print(&r);
-                // Keeping up: no loss, the generator sent what it offered,
-                // and no standing queue (deep socket buffers turn overload
-                // into delay before loss).
-                let keeps_up = r.loss < 0.001
-                    && r.sent_per_s >= 0.98 * rate as f64
-                    && r.p50_us < SATURATED_P50_US;
+                let keeps_up = r.keeps_up();
                 let generator_saturated = bench.generator_saturated(&r);
                 report.runs.push(r);
                 if !keeps_up {
@@ -949,6 +1017,48 @@ mod tests {
         // Within the histogram's precision (3 significant digits).
         assert!((a.added_p99_us - 4900.0).abs() <= 5.0, "{}", a.added_p99_us);
         assert_eq!((a.rounds, a.offered_rate), (3, 1000));
+    }
+
+    #[test]
+    fn keeping_up_needs_no_loss_the_offered_rate_and_short_queues() {
+        let ok: Vec<u64> = vec![300; 1000];
+        let r = sample(Path::Relayed, &ok, 1000).result(Topology::Single, 1);
+        assert!(r.keeps_up());
+        let lossy = sample(Path::Relayed, &ok[..990], 1000).result(Topology::Single, 1);
+        assert!(!lossy.keeps_up(), "1 % loss");
+        let mut slow = sample(Path::Relayed, &ok, 1000).result(Topology::Single, 1);
+        slow.sent_per_s = 900.0;
+        assert!(!slow.keeps_up(), "the generator fell behind");
+        let queued = sample(Path::Relayed, &[8000; 1000], 1000).result(Topology::Single, 1);
+        assert!(!queued.keeps_up(), "standing queue");
+        // A median of 300 us with 2 % of the datagrams stalled 50 ms.
+        let mut stalled = vec![300; 980];
+        stalled.extend([50_000; 20]);
+        let stalled = sample(Path::Relayed, &stalled, 1000).result(Topology::Single, 1);
+        assert!(!stalled.keeps_up(), "long stalls");
+    }
+
+    #[test]
+    fn relays_start_under_chrt_and_taskset_when_asked() {
+        let argv = |launch: &Launch| {
+            let c = launch.command(std::path::Path::new("/bin/relayd"));
+            std::iter::once(c.get_program())
+                .chain(c.get_args())
+                .map(|a| a.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(argv(&Launch::default()), "/bin/relayd");
+        let pinned = Launch {
+            cpus: Some("1".into()),
+            realtime: false,
+        };
+        assert_eq!(argv(&pinned), "taskset -c 1 /bin/relayd");
+        let realtime = Launch {
+            realtime: true,
+            ..pinned
+        };
+        assert_eq!(argv(&realtime), "chrt --fifo 10 taskset -c 1 /bin/relayd");
     }
 
     #[test]
