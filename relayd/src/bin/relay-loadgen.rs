@@ -54,12 +54,11 @@ enum Pin {
     Off,
 }
 
-/// CPU sets for the relays and the load generator, as `taskset` lists.
+/// CPU sets for the relays and the load generator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placement {
-    relays: String,
-    generator: String,
-    generator_cpus: usize,
+    relays: Vec<u32>,
+    generator: Vec<u32>,
 }
 
 /// The CPUs this process may run on (Linux `Cpus_allowed_list`, e.g.
@@ -84,6 +83,7 @@ fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<u32>> {
     Ok(cpus)
 }
 
+/// A CPU set as a `taskset` list ("0,2,3").
 fn join_cpus(cpus: &[u32]) -> String {
     cpus.iter()
         .map(u32::to_string)
@@ -100,9 +100,8 @@ fn placement(cpus: &[u32], relay_cpus: usize) -> Option<Placement> {
     }
     let (generator, relays) = cpus.split_at(cpus.len() - relay_cpus);
     Some(Placement {
-        relays: join_cpus(relays),
-        generator: join_cpus(generator),
-        generator_cpus: generator.len(),
+        relays: relays.to_vec(),
+        generator: generator.to_vec(),
     })
 }
 
@@ -200,14 +199,26 @@ impl Launch {
     }
 }
 
-/// Whether this process may start real-time processes.
-fn realtime_allowed() -> bool {
-    Command::new("chrt")
+/// Whether the relays run real-time: asked for, and allowed to this
+/// process (says which).
+fn realtime(asked: bool) -> bool {
+    if !asked {
+        return false;
+    }
+    let allowed = Command::new("chrt")
         .args(["--fifo", REALTIME_PRIORITY, "true"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if allowed {
+        println!("relays under SCHED_FIFO, priority {REALTIME_PRIORITY}");
+    } else {
+        println!(
+            "cannot run the relays real-time (chrt failed: no root or CAP_SYS_NICE?): normal scheduling"
+        );
+    }
+    allowed
 }
 
 struct Relay {
@@ -853,11 +864,12 @@ fn main() -> anyhow::Result<()> {
         Pin::Off => None,
         Pin::Auto => {
             let placement = placement(&allowed_cpus()?, cli.relay_threads);
-            match placement.map(|p| pin_self(&p.generator).map(|()| p)) {
+            match placement.map(|p| pin_self(&join_cpus(&p.generator)).map(|()| p)) {
                 Some(Ok(p)) => {
                     println!(
                         "relays on CPU {}, load generator on CPU {}",
-                        p.relays, p.generator
+                        join_cpus(&p.relays),
+                        join_cpus(&p.generator)
                     );
                     Some(p)
                 }
@@ -875,23 +887,12 @@ fn main() -> anyhow::Result<()> {
     // One worker per CPU of the generator's own: more threads than CPUs
     // would take turns in scheduler slices of milliseconds.
     let generator_cpus = match &placement {
-        Some(p) => p.generator_cpus,
+        Some(p) => p.generator.len(),
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
-    let realtime = cli.realtime
-        && {
-            let allowed = realtime_allowed();
-            if allowed {
-                println!("relays under SCHED_FIFO, priority {REALTIME_PRIORITY}");
-            } else {
-                println!(
-                    "cannot run the relays real-time (chrt failed: no root or CAP_SYS_NICE?): normal scheduling"
-                );
-            }
-            allowed
-        };
+    let realtime = realtime(cli.realtime);
     let launch = Launch {
-        cpus: placement.as_ref().map(|p| p.relays.clone()),
+        cpus: placement.as_ref().map(|p| join_cpus(&p.relays)),
         realtime,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1071,10 +1072,13 @@ mod tests {
     #[test]
     fn relays_get_the_last_cpus_and_the_generator_keeps_one() {
         let p = placement(&[0, 1], 1).unwrap();
-        assert_eq!((p.relays.as_str(), p.generator.as_str()), ("1", "0"));
+        assert_eq!((p.relays, p.generator), (vec![1], vec![0]));
         let p = placement(&[0, 1, 2, 3], 2).unwrap();
-        assert_eq!((p.relays.as_str(), p.generator.as_str()), ("2,3", "0,1"));
-        assert_eq!(p.generator_cpus, 2);
+        assert_eq!(
+            (join_cpus(&p.relays), join_cpus(&p.generator)),
+            ("2,3".into(), "0,1".into())
+        );
+        assert_eq!(p.generator.len(), 2);
         assert_eq!(placement(&[0], 1), None);
         assert_eq!(placement(&[0, 1], 2), None);
     }
