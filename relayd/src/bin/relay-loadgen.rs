@@ -19,6 +19,11 @@
 //! up, then measures the added latency at half of that maximum.
 //! `--realtime` runs the relays under SCHED_FIFO, to tell the relays' own
 //! latency from the host's scheduling noise.
+//! `--baseline` measures a plain UDP forwarder (`udp-forward`: no
+//! decryption, one `recvfrom` and one `sendto` per datagram, as a TURN
+//! relay without encryption) the same way, on the relays' CPU, and prints
+//! the two side by side: its maximum, and its CPU per datagram and added
+//! latency at the rate the relays' latency was measured at.
 //!
 //! ```text
 //! cargo run -p relayd --release --bin relay-loadgen -- --sweep
@@ -169,6 +174,13 @@ struct Cli {
     /// relays' own latency from the host's scheduling noise.
     #[arg(long)]
     realtime: bool,
+    /// Also measure the baseline: a plain UDP forwarder (`udp-forward`,
+    /// what a TURN relay does without encryption) started the way the
+    /// relays are, on their CPU. Each publisher gets a third connection,
+    /// to the sink through it; with `--sweep` its own maximum and the
+    /// latency it adds at half of that are found too.
+    #[arg(long)]
+    baseline: bool,
 }
 
 /// Priority of the relays under `--realtime` (1-99; low, so that the
@@ -277,13 +289,7 @@ fn start_relays(
         &[],
     )?;
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let relayd = std::env::current_exe()?.with_file_name("relayd");
-    if !relayd.is_file() {
-        bail!(
-            "{} not found: build it (cargo build -p relayd --release)",
-            relayd.display()
-        );
-    }
+    let relayd = sibling_binary("relayd")?;
     let mut relays = Vec::new();
     for i in 0..n {
         let id = i + 1;
@@ -316,6 +322,39 @@ fn start_relays(
         });
     }
     Ok(relays)
+}
+
+/// A binary of this package, next to this one.
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it (cargo build -p relayd --release)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Starts the plain forwarder towards `upstream` the way the relays are
+/// started (same CPUs, same scheduling).
+fn start_forwarder(
+    dir: &std::path::Path,
+    upstream: std::net::SocketAddr,
+    launch: &Launch,
+) -> anyhow::Result<Relay> {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let log = std::fs::File::create(dir.join("udp-forward.log"))?;
+    let child = launch
+        .command(&sibling_binary("udp-forward")?)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--upstream")
+        .arg(upstream.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    Ok(Relay { child, addr })
 }
 
 fn token(channel: &str, user: &str, role: Role) -> String {
@@ -353,6 +392,9 @@ enum Path {
     /// client stacks and machine without the relays, the baseline that
     /// "added latency" is measured against.
     Direct,
+    /// Publisher's endpoint -> `udp-forward` -> a second sink: the same
+    /// QUIC connection relayed as plain UDP (`--baseline`).
+    Forwarded,
 }
 
 /// Receive side of one path: counts and one-way latencies.
@@ -407,6 +449,9 @@ struct Pair {
     channel: relay_core::ChannelId,
     /// From the publisher's endpoint straight to the sink.
     direct: quinn::Connection,
+    /// From the publisher's endpoint to the other sink through the plain
+    /// forwarder (`--baseline`).
+    forwarded: Option<quinn::Connection>,
 }
 
 /// What one or more runs on one path measured.
@@ -443,12 +488,14 @@ impl Sample {
             // Each delivered datagram was forwarded once per relay on its way.
             Path::Relayed => self.received * relays as u64,
             Path::Direct => 0,
+            Path::Forwarded => self.received,
         };
         let cpu = self.relay_cpu;
         RunResult {
             path: match self.path {
                 Path::Relayed => format!("{topology:?}").to_lowercase(),
                 Path::Direct => "direct".into(),
+                Path::Forwarded => "udp-forward".into(),
             },
             offered_rate: self.rate,
             sent: self.sent,
@@ -481,7 +528,8 @@ impl Sample {
 
 #[derive(Debug, Clone, serde::Serialize)]
 struct RunResult {
-    /// "single" or "chain" (through the relays), or "direct" (baseline).
+    /// "single" or "chain" (through the relays), "direct" (the path
+    /// latency is added to) or "udp-forward" (the plain forwarder).
     path: String,
     offered_rate: u64,
     sent: u64,
@@ -492,7 +540,8 @@ struct RunResult {
     loss: f64,
     /// Datagrams forwarded per second, summed over the relays.
     forwarded_per_s: f64,
-    /// Relay CPU seconds per second of run (cores used), summed.
+    /// Relay CPU seconds per second of run (cores used), summed; the
+    /// forwarder's on the "udp-forward" path.
     relay_cores: f64,
     /// The load generator's own CPU seconds per second of run.
     loadgen_cores: f64,
@@ -518,8 +567,9 @@ impl RunResult {
     }
 }
 
-/// Latency the relays add: the relayed path's percentiles minus the direct
-/// path's, both measured at the same rate in interleaved rounds.
+/// Latency the relays (or the plain forwarder) add: that path's
+/// percentiles minus the direct path's, both measured at the same rate in
+/// interleaved rounds.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Added {
     offered_rate: u64,
@@ -543,13 +593,22 @@ impl Added {
     }
 }
 
-#[derive(Debug, serde::Serialize)]
-struct Report {
-    /// Whether the relays ran under SCHED_FIFO.
-    realtime: bool,
+/// What was measured on one path: the sweep's runs and maximum (with
+/// `--sweep`) and the added latency.
+#[derive(Debug, Default, serde::Serialize)]
+struct Measured {
     runs: Vec<RunResult>,
     max_loss_free_rate: Option<u64>,
     added: Option<Added>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    /// Whether the relays (and the forwarder) ran under SCHED_FIFO.
+    realtime: bool,
+    relays: Measured,
+    /// The plain UDP forwarder (`--baseline`).
+    baseline: Option<Measured>,
 }
 
 struct Bench {
@@ -561,6 +620,8 @@ struct Bench {
     epoch: Instant,
     relayed: Arc<Recorder>,
     direct: Arc<Recorder>,
+    /// The plain forwarder and what its sink receives (`--baseline`).
+    forwarder: Option<(Relay, Arc<Recorder>)>,
     ticks: f64,
     /// CPUs the load generator may use.
     generator_cpus: usize,
@@ -651,6 +712,13 @@ impl Bench {
         let direct = Recorder::new()?;
         let sink = start_sink(dir, direct.clone(), epoch)?;
         let sink_addr = sink.local_addr()?;
+        let forwarder = if cli.baseline {
+            let recorder = Recorder::new()?;
+            let sink = start_sink(dir, recorder.clone(), epoch)?;
+            Some((start_forwarder(dir, sink.local_addr()?, launch)?, recorder))
+        } else {
+            None
+        };
 
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem"))? {
@@ -677,6 +745,15 @@ impl Bench {
             let direct = pub_endpoint
                 .connect_with(direct_config.clone(), sink_addr, "localhost")?
                 .await?;
+            let forwarded = match &forwarder {
+                Some((f, _)) => Some(
+                    pub_endpoint
+                        .connect_with(direct_config.clone(), f.addr, "localhost")?
+                        .await
+                        .context("connecting through udp-forward")?,
+                ),
+                None => None,
+            };
             let recorder = relayed.clone();
             let media = sub.datagrams();
             tokio::spawn(async move {
@@ -691,6 +768,7 @@ impl Bench {
                 _sessions: [sub, publisher],
                 channel: joined.channel,
                 direct,
+                forwarded,
             });
         }
         Ok(Bench {
@@ -702,14 +780,21 @@ impl Bench {
             epoch,
             relayed,
             direct,
+            forwarder,
             ticks: clock_ticks(),
             generator_cpus,
         })
     }
 
-    fn relay_cpu(&self) -> anyhow::Result<f64> {
+    /// CPU seconds so far of what forwards on `path`: the relays, or the
+    /// plain forwarder.
+    fn relay_cpu(&self, path: Path) -> anyhow::Result<f64> {
+        let processes: Vec<&Relay> = match (path, &self.forwarder) {
+            (Path::Forwarded, Some((f, _))) => vec![f],
+            _ => self.relays.iter().collect(),
+        };
         let mut sum = 0.0;
-        for r in &self.relays {
+        for r in processes {
             sum += cpu_seconds(&r.child.id().to_string(), self.ticks)?;
         }
         Ok(sum)
@@ -717,20 +802,23 @@ impl Bench {
 
     /// Sends at `rate` datagrams/s on `path` for the configured duration.
     async fn run(&self, path: Path, rate: u64, duration: Duration) -> anyhow::Result<Sample> {
-        let recorder = match path {
-            Path::Relayed => &self.relayed,
-            Path::Direct => &self.direct,
+        let recorder = match (path, &self.forwarder) {
+            (Path::Relayed, _) => &self.relayed,
+            (Path::Direct, _) => &self.direct,
+            (Path::Forwarded, Some((_, r))) => r,
+            (Path::Forwarded, None) => bail!("no forwarder: --baseline was not given"),
         };
         recorder.start();
-        let relay_before = self.relay_cpu()?;
+        let relay_before = self.relay_cpu(path)?;
         let own_before = cpu_seconds("self", self.ticks)?;
         let started = Instant::now();
         let senders: Vec<Sender> = self
             .pairs
             .iter()
-            .map(|p| match path {
-                Path::Relayed => Sender::Relayed(p.publisher.clone(), p.channel),
-                Path::Direct => Sender::Direct(p.direct.clone()),
+            .map(|p| match (path, &p.forwarded) {
+                (Path::Relayed, _) => Sender::Relayed(p.publisher.clone(), p.channel),
+                (Path::Forwarded, Some(conn)) => Sender::Direct(conn.clone()),
+                _ => Sender::Direct(p.direct.clone()),
             })
             .collect();
         let (epoch, size) = (self.epoch, self.size);
@@ -748,7 +836,7 @@ impl Bench {
             received,
             send_seconds,
             seconds,
-            relay_cpu: self.relay_cpu()? - relay_before,
+            relay_cpu: self.relay_cpu(path)? - relay_before,
             own_cpu: cpu_seconds("self", self.ticks)? - own_before,
             histogram,
         })
@@ -771,12 +859,61 @@ impl Bench {
         saturated
     }
 
-    /// Interleaved rounds of the direct and the relayed path at one rate.
-    async fn added(&self, rate: u64, rounds: usize) -> anyhow::Result<Added> {
+    /// Raises the rate on `path` until it no longer keeps up (or the load
+    /// generator saturates); returns the highest rate it kept up with.
+    async fn sweep(&self, path: Path, measured: &mut Measured) -> anyhow::Result<u64> {
+        let mut rate = 10_000u64;
+        let mut best = None;
+        loop {
+            let r = self.result(&self.run(path, rate, self.duration).await?);
+            print(&r);
+            let keeps_up = r.keeps_up();
+            let generator_saturated = self.generator_saturated(&r);
+            measured.runs.push(r);
+            if !keeps_up {
+                break;
+            }
+            best = Some(rate);
+            if generator_saturated || rate >= 1_000_000 {
+                break;
+            }
+            rate = (rate as f64 * 1.3) as u64;
+        }
+        let max = best.unwrap_or(rate);
+        println!("maximum loss-free rate: {max} datagrams/s offered");
+        measured.max_loss_free_rate = Some(max);
+        Ok(max)
+    }
+
+    /// With `--sweep`, finds `path`'s maximum and measures the latency it
+    /// adds at `at`, or else at half of that maximum; without, at `at` or
+    /// `--rate`. `by` names the path.
+    async fn measure(
+        &self,
+        path: Path,
+        cli: &Cli,
+        at: Option<u64>,
+        by: &str,
+    ) -> anyhow::Result<Measured> {
+        let mut measured = Measured::default();
+        let half_max = match cli.sweep {
+            true => Some(self.sweep(path, &mut measured).await? / 2),
+            false => None,
+        };
+        let rate = at.or(half_max).unwrap_or(cli.rate);
+        let added = self.added(path, rate, cli.rounds).await?;
+        print_added(&added, by);
+        self.generator_saturated(&added.relayed);
+        measured.added = Some(added);
+        Ok(measured)
+    }
+
+    /// Interleaved rounds of the direct path and `path` at one rate.
+    async fn added(&self, path: Path, rate: u64, rounds: usize) -> anyhow::Result<Added> {
         let mut relayed: Option<Sample> = None;
         let mut direct: Option<Sample> = None;
         for _ in 0..rounds.max(1) {
-            for (path, acc) in [(Path::Direct, &mut direct), (Path::Relayed, &mut relayed)] {
+            for (path, acc) in [(Path::Direct, &mut direct), (path, &mut relayed)] {
                 let s = self.run(path, rate, self.duration).await?;
                 match acc {
                     Some(a) => a.merge(&s),
@@ -848,13 +985,43 @@ fn print(r: &RunResult) {
     );
 }
 
-fn print_added(a: &Added, relays: usize) {
+fn print_added(a: &Added, by: &str) {
     print(&a.direct);
     print(&a.relayed);
     println!(
-        "added by {relays} relay(s) at {}/s ({} interleaved rounds, relayed minus direct): p50 {:.0} us, p99 {:.0} us",
+        "added by {by} at {}/s ({} interleaved rounds, minus direct): p50 {:.0} us, p99 {:.0} us",
         a.offered_rate, a.rounds, a.added_p50_us, a.added_p99_us
     );
+}
+
+/// The relays' figures next to the plain forwarder's, from the same run.
+fn compare(relays: &Measured, baseline: &Measured) {
+    let at_max = |m: &Measured| {
+        let max = m.max_loss_free_rate?;
+        let per_core = m.runs.iter().find(|r| r.offered_rate == max)?.per_core;
+        Some((max, per_core))
+    };
+    println!("side by side, same CPU, same run:");
+    if let (Some((max, per_core)), Some((base_max, base_per_core))) =
+        (at_max(relays), at_max(baseline))
+    {
+        println!(
+            "  maximum: relays {max}/s, udp-forward {base_max}/s; forwarded per core used there: {per_core:.0}/s and {base_per_core:.0}/s"
+        );
+    }
+    if let (Some(a), Some(b)) = (&relays.added, &baseline.added) {
+        println!(
+            "  at {}/s: relays {:.2} CPU-s per million, udp-forward {:.2} ({:.1}x); added p50 {:.0} us and {:.0} us, p99 {:.0} us and {:.0} us",
+            a.offered_rate,
+            a.relayed.cpu_s_per_million,
+            b.relayed.cpu_s_per_million,
+            a.relayed.cpu_s_per_million / b.relayed.cpu_s_per_million,
+            a.added_p50_us,
+            b.added_p50_us,
+            a.added_p99_us,
+            b.added_p99_us,
+        );
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -904,47 +1071,39 @@ fn main() -> anyhow::Result<()> {
         let bench = Bench::setup(&cli, &dir, &launch, generator_cpus).await?;
         // Interest propagates between chained relays.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        // Warm up both paths.
-        for path in [Path::Relayed, Path::Direct] {
+        // Warm up every path.
+        let mut paths = vec![Path::Relayed, Path::Direct];
+        if bench.forwarder.is_some() {
+            paths.push(Path::Forwarded);
+        }
+        for path in paths {
             bench
                 .run(path, cli.rate.min(5000), Duration::from_secs(1))
                 .await?;
         }
-        let mut report = Report {
-            realtime,
-            runs: Vec::new(),
-            max_loss_free_rate: None,
-            added: None,
-        };
-        let rate = if cli.sweep {
-            let mut rate = 10_000u64;
-            let mut best = None;
-            loop {
-                let r = bench.result(&bench.run(Path::Relayed, rate, bench.duration).await?);
-                print(&r);
-                let keeps_up = r.keeps_up();
-                let generator_saturated = bench.generator_saturated(&r);
-                report.runs.push(r);
-                if !keeps_up {
-                    break;
-                }
-                best = Some(rate);
-                if generator_saturated || rate >= 1_000_000 {
-                    break;
-                }
-                rate = (rate as f64 * 1.3) as u64;
+        let by = format!("{} relay(s)", bench.relays.len());
+        let relays = bench.measure(Path::Relayed, &cli, None, &by).await?;
+        let baseline = match bench.forwarder {
+            Some(_) => {
+                println!("baseline: the plain UDP forwarder (udp-forward) on the relays' CPU");
+                // At the rate the relays' latency was measured at.
+                let at = relays.added.as_ref().map(|a| a.offered_rate);
+                Some(
+                    bench
+                        .measure(Path::Forwarded, &cli, at, "udp-forward")
+                        .await?,
+                )
             }
-            let max = best.unwrap_or(rate);
-            println!("maximum loss-free rate: {max} datagrams/s offered");
-            report.max_loss_free_rate = Some(max);
-            max / 2
-        } else {
-            cli.rate
+            None => None,
         };
-        let added = bench.added(rate, cli.rounds).await?;
-        print_added(&added, bench.relays.len());
-        bench.generator_saturated(&added.relayed);
-        report.added = Some(added);
+        if let Some(b) = &baseline {
+            compare(&relays, b);
+        }
+        let report = Report {
+            realtime,
+            relays,
+            baseline,
+        };
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
@@ -999,6 +1158,9 @@ mod tests {
         assert_eq!(r.loadgen_cores, 0.2);
         assert_eq!(r.per_core, 3960.0);
         assert!((r.cpu_s_per_million - 0.5 / 1980.0 * 1e6).abs() < 1e-6);
+        // The plain forwarder forwards each datagram once.
+        let r = sample(Path::Forwarded, &latencies, 1000).result(Topology::Chain, 2);
+        assert_eq!((r.path.as_str(), r.forwarded_per_s), ("udp-forward", 990.0));
         // Rounds add up.
         s.merge(&sample(Path::Relayed, &latencies, 1000));
         let r = s.result(Topology::Chain, 2);
