@@ -860,10 +860,13 @@ impl Bench {
     }
 
     /// Raises the rate on `path` until it no longer keeps up (or the load
-    /// generator saturates); returns the highest rate it kept up with.
+    /// generator saturates); returns the highest rate it kept up with. A
+    /// rate that fails is tried once more before the sweep ends there: one
+    /// stall of the host can fail a run at a rate the path sustains.
     async fn sweep(&self, path: Path, measured: &mut Measured) -> anyhow::Result<u64> {
         let mut rate = 10_000u64;
         let mut best = None;
+        let mut retried = false;
         loop {
             let r = self.result(&self.run(path, rate, self.duration).await?);
             print(&r);
@@ -871,8 +874,14 @@ impl Bench {
             let generator_saturated = self.generator_saturated(&r);
             measured.runs.push(r);
             if !keeps_up {
-                break;
+                if retried {
+                    break;
+                }
+                println!("did not keep up at {rate}/s: trying that rate once more");
+                retried = true;
+                continue;
             }
+            retried = false;
             best = Some(rate);
             if generator_saturated || rate >= 1_000_000 {
                 break;
@@ -998,7 +1007,12 @@ fn print_added(a: &Added, by: &str) {
 fn compare(relays: &Measured, baseline: &Measured) {
     let at_max = |m: &Measured| {
         let max = m.max_loss_free_rate?;
-        let per_core = m.runs.iter().find(|r| r.offered_rate == max)?.per_core;
+        let per_core = m
+            .runs
+            .iter()
+            .rev()
+            .find(|r| r.offered_rate == max && r.keeps_up())?
+            .per_core;
         Some((max, per_core))
     };
     println!("side by side, same CPU, same run:");
