@@ -574,20 +574,21 @@ impl RunResult {
 struct Added {
     offered_rate: u64,
     rounds: usize,
-    relayed: RunResult,
+    /// The path measured: through the relays, or through the forwarder.
+    through: RunResult,
     direct: RunResult,
     added_p50_us: f64,
     added_p99_us: f64,
 }
 
 impl Added {
-    fn new(rounds: usize, relayed: RunResult, direct: RunResult) -> Added {
+    fn new(rounds: usize, through: RunResult, direct: RunResult) -> Added {
         Added {
-            offered_rate: relayed.offered_rate,
+            offered_rate: through.offered_rate,
             rounds,
-            added_p50_us: relayed.p50_us - direct.p50_us,
-            added_p99_us: relayed.p99_us - direct.p99_us,
-            relayed,
+            added_p50_us: through.p50_us - direct.p50_us,
+            added_p99_us: through.p99_us - direct.p99_us,
+            through,
             direct,
         }
     }
@@ -788,7 +789,7 @@ impl Bench {
 
     /// CPU seconds so far of what forwards on `path`: the relays, or the
     /// plain forwarder.
-    fn relay_cpu(&self, path: Path) -> anyhow::Result<f64> {
+    fn forwarding_cpu(&self, path: Path) -> anyhow::Result<f64> {
         let processes: Vec<&Relay> = match (path, &self.forwarder) {
             (Path::Forwarded, Some((f, _))) => vec![f],
             _ => self.relays.iter().collect(),
@@ -809,7 +810,7 @@ impl Bench {
             (Path::Forwarded, None) => bail!("no forwarder: --baseline was not given"),
         };
         recorder.start();
-        let relay_before = self.relay_cpu(path)?;
+        let relay_before = self.forwarding_cpu(path)?;
         let own_before = cpu_seconds("self", self.ticks)?;
         let started = Instant::now();
         let senders: Vec<Sender> = self
@@ -836,7 +837,7 @@ impl Bench {
             received,
             send_seconds,
             seconds,
-            relay_cpu: self.relay_cpu(path)? - relay_before,
+            relay_cpu: self.forwarding_cpu(path)? - relay_before,
             own_cpu: cpu_seconds("self", self.ticks)? - own_before,
             histogram,
         })
@@ -905,24 +906,25 @@ impl Bench {
         by: &str,
     ) -> anyhow::Result<Measured> {
         let mut measured = Measured::default();
-        let half_max = match cli.sweep {
-            true => Some(self.sweep(path, &mut measured).await? / 2),
-            false => None,
+        let half_max = if cli.sweep {
+            Some(self.sweep(path, &mut measured).await? / 2)
+        } else {
+            None
         };
         let rate = at.or(half_max).unwrap_or(cli.rate);
         let added = self.added(path, rate, cli.rounds).await?;
         print_added(&added, by);
-        self.generator_saturated(&added.relayed);
+        self.generator_saturated(&added.through);
         measured.added = Some(added);
         Ok(measured)
     }
 
     /// Interleaved rounds of the direct path and `path` at one rate.
     async fn added(&self, path: Path, rate: u64, rounds: usize) -> anyhow::Result<Added> {
-        let mut relayed: Option<Sample> = None;
+        let mut through: Option<Sample> = None;
         let mut direct: Option<Sample> = None;
         for _ in 0..rounds.max(1) {
-            for (path, acc) in [(Path::Direct, &mut direct), (path, &mut relayed)] {
+            for (path, acc) in [(Path::Direct, &mut direct), (path, &mut through)] {
                 let s = self.run(path, rate, self.duration).await?;
                 match acc {
                     Some(a) => a.merge(&s),
@@ -932,7 +934,7 @@ impl Bench {
         }
         Ok(Added::new(
             rounds.max(1),
-            self.result(&relayed.expect("one round")),
+            self.result(&through.expect("one round")),
             self.result(&direct.expect("one round")),
         ))
     }
@@ -996,7 +998,7 @@ fn print(r: &RunResult) {
 
 fn print_added(a: &Added, by: &str) {
     print(&a.direct);
-    print(&a.relayed);
+    print(&a.through);
     println!(
         "added by {by} at {}/s ({} interleaved rounds, minus direct): p50 {:.0} us, p99 {:.0} us",
         a.offered_rate, a.rounds, a.added_p50_us, a.added_p99_us
@@ -1027,9 +1029,9 @@ fn compare(relays: &Measured, baseline: &Measured) {
         println!(
             "  at {}/s: relays {:.2} CPU-s per million, udp-forward {:.2} ({:.1}x); added p50 {:.0} us and {:.0} us, p99 {:.0} us and {:.0} us",
             a.offered_rate,
-            a.relayed.cpu_s_per_million,
-            b.relayed.cpu_s_per_million,
-            a.relayed.cpu_s_per_million / b.relayed.cpu_s_per_million,
+            a.through.cpu_s_per_million,
+            b.through.cpu_s_per_million,
+            a.through.cpu_s_per_million / b.through.cpu_s_per_million,
             a.added_p50_us,
             b.added_p50_us,
             a.added_p99_us,
