@@ -13,8 +13,10 @@
 //! - [`channels`]: local members and other relays' interest.
 //! - [`dedup`]: duplicate suppression.
 //! - [`relay`]: the state machine tying them together.
+//! - [`arena`]: outgoing datagrams without an allocation each.
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
+pub mod arena;
 pub mod channels;
 pub mod dedup;
 pub mod forwarding;

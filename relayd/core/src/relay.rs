@@ -14,6 +14,7 @@ use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use topology::RouteTable;
 
+use crate::arena::{Arena, BLOCK};
 use crate::channels::{Channels, Member};
 use crate::dedup::{DedupWindows, Verdict};
 use crate::forwarding::{Chosen, Forwarding, LinkState, LinkView};
@@ -22,8 +23,8 @@ use crate::links::{LinkConfig, LinkReport, PeerLink};
 use crate::stats::{AuthFailure, DropReason, Stats};
 use crate::token::{Claims, TokenError};
 use crate::wire::client::{
-    Alternative, ClientProbe, ClientToRelay, CloseCode, Delivery, ErrorCode, PUBLISH_HEADER_LEN,
-    Publish, RelayToClient, Role,
+    Alternative, ClientProbe, ClientToRelay, CloseCode, DELIVERY_HEADER_LEN, Delivery, ErrorCode,
+    PUBLISH_HEADER_LEN, Publish, RelayToClient, Role,
 };
 use crate::wire::peer::{MediaHeader, PeerDatagram, PeerFrame};
 use crate::wire::route::RouteTree;
@@ -142,6 +143,8 @@ pub struct Relay {
     draining_until: Option<Instant>,
     drain_finished: bool,
     actions: VecDeque<Action>,
+    /// Where outgoing media datagrams are written.
+    arena: Arena,
     stats: Stats,
 }
 
@@ -163,6 +166,7 @@ impl Relay {
             draining_until: None,
             drain_finished: false,
             actions: VecDeque::new(),
+            arena: Arena::new(),
             stats: Stats::default(),
         }
     }
@@ -555,7 +559,16 @@ impl Relay {
         if p.payload.len() > self.config.max_payload as usize {
             return self.stats.drop(DropReason::TooLarge);
         }
-        let delivery = Delivery::encode(p.channel, member.source, p.payload);
+        let source = member.source;
+        // The delivery and the media datagrams carrying it to other relays
+        // are cut from one block, renewed (in place, once its earlier
+        // datagrams are gone) before it is half full.
+        self.arena.make_room(BLOCK / 2);
+        let delivery = self
+            .arena
+            .datagram(DELIVERY_HEADER_LEN + p.payload.len(), |b| {
+                Delivery::write(b, p.channel, source, p.payload)
+            });
         self.deliver_local(p.channel, &delivery, Some(client));
         self.send_remote(p.channel, &delivery, now);
     }
@@ -600,7 +613,11 @@ impl Relay {
                 seq,
                 link_seq: link.take_link_seq(),
             };
-            let datagram = PeerDatagram::media(&header, route, delivery);
+            let datagram = self
+                .arena
+                .datagram(PeerDatagram::media_len(route, delivery), |b| {
+                    PeerDatagram::write_media(b, &header, route, delivery)
+                });
             self.stats.relayed_packets += 1;
             self.stats.relayed_bytes += datagram.len() as u64;
             self.actions.push_back(Action::PeerDatagram {
@@ -795,12 +812,20 @@ impl Relay {
             ..header
         };
         let mut repair: SmallVec<[RelayId; 8]> = SmallVec::new();
+        // This datagram's copies for the next hops from one block (see
+        // `handle_client_datagram`).
+        self.arena.make_room(BLOCK / 2);
         for c in children {
             let peer = tree.nodes()[c].relay;
             if self.links.get(&peer).is_some_and(PeerLink::is_usable) {
                 let link = self.links.get_mut(&peer).expect("checked");
                 next.link_seq = link.take_link_seq();
-                let datagram = PeerDatagram::media(&next, &route[tree.span(c)], &delivery);
+                let route = &route[tree.span(c)];
+                let datagram = self
+                    .arena
+                    .datagram(PeerDatagram::media_len(route, &delivery), |b| {
+                        PeerDatagram::write_media(b, &next, route, &delivery)
+                    });
                 self.stats.relayed_packets += 1;
                 self.stats.relayed_bytes += datagram.len() as u64;
                 self.actions
@@ -828,7 +853,11 @@ impl Relay {
                 continue;
             };
             next.link_seq = link.take_link_seq();
-            let datagram = PeerDatagram::media(&next, &sub, &delivery);
+            let datagram = self
+                .arena
+                .datagram(PeerDatagram::media_len(&sub, &delivery), |b| {
+                    PeerDatagram::write_media(b, &next, &sub, &delivery)
+                });
             self.stats.relayed_packets += 1;
             self.stats.relayed_bytes += datagram.len() as u64;
             self.actions

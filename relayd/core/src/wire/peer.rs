@@ -253,7 +253,18 @@ impl PeerDatagram {
 
     /// Encodes a media datagram.
     pub fn media(header: &MediaHeader, route: &[u8], delivery: &[u8]) -> Bytes {
-        let mut b = BytesMut::with_capacity(MEDIA_HEADER_LEN + route.len() + delivery.len());
+        let mut b = BytesMut::with_capacity(Self::media_len(route, delivery));
+        Self::write_media(&mut b, header, route, delivery);
+        b.freeze()
+    }
+
+    /// Length of a media datagram.
+    pub fn media_len(route: &[u8], delivery: &[u8]) -> usize {
+        MEDIA_HEADER_LEN + route.len() + delivery.len()
+    }
+
+    /// Appends a media datagram to `b`.
+    pub fn write_media(b: &mut BytesMut, header: &MediaHeader, route: &[u8], delivery: &[u8]) {
         b.put_u8(VERSION);
         b.put_u8(ty::MEDIA);
         b.put_u8(header.hop_limit);
@@ -263,7 +274,6 @@ impl PeerDatagram {
         b.put_u32(header.link_seq);
         b.put_bytes8(route);
         b.put_slice(delivery);
-        b.freeze()
     }
 
     /// Decodes a datagram; media parts are zero-copy slices of `d`.
