@@ -3,14 +3,17 @@
 
 use bytes::{Bytes, BytesMut};
 
-/// Bytes per block: 17 deliveries of 200-byte media, 3 of 1,200 bytes.
+/// Bytes per block: 75 deliveries of 200-byte media, 13 of 1,200 bytes.
 ///
 /// A block lives as long as any datagram cut from it, so a datagram that
-/// waits (queued for a slow client) keeps its whole block alive. Small
-/// blocks bound that: a stalled connection pins at most this many bytes
-/// per datagram it holds, against the datagram's own size plus
-/// allocator overhead with an allocation each.
-pub const BLOCK: usize = 4096;
+/// waits keeps its whole block alive: this much memory per waiting
+/// datagram at worst, against the datagram's own size with an allocation
+/// each. Large enough that relayd, whose datagrams wait in quinn's queues
+/// until the connection tasks run after a batch of input (up to 256 at a
+/// time), renews a block seldom: at 200,000 datagrams/s the arena
+/// allocates 0.06 times per datagram with this size, 0.2 with 4 KB blocks
+/// (counted with a uprobe on `malloc`).
+pub const BLOCK: usize = 16384;
 
 /// Cuts outgoing datagrams from blocks of [`BLOCK`] bytes.
 ///
