@@ -233,12 +233,14 @@ fn realtime(asked: bool) -> bool {
     allowed
 }
 
-struct Relay {
+/// A process this load generator started (a relay or the forwarder),
+/// killed when dropped.
+struct Spawned {
     child: Child,
     addr: std::net::SocketAddr,
 }
 
-impl Drop for Relay {
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -280,7 +282,7 @@ fn start_relays(
     topology: Topology,
     threads: usize,
     launch: &Launch,
-) -> anyhow::Result<Vec<Relay>> {
+) -> anyhow::Result<Vec<Spawned>> {
     let n = if topology == Topology::Chain { 2 } else { 1 };
     init_dev_pki(
         &dir.join("pki"),
@@ -316,7 +318,7 @@ fn start_relays(
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()?;
-        relays.push(Relay {
+        relays.push(Spawned {
             child,
             addr: ([127, 0, 0, 1], ports[i as usize]).into(),
         });
@@ -342,7 +344,7 @@ fn start_forwarder(
     dir: &std::path::Path,
     upstream: std::net::SocketAddr,
     launch: &Launch,
-) -> anyhow::Result<Relay> {
+) -> anyhow::Result<Spawned> {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let log = std::fs::File::create(dir.join("udp-forward.log"))?;
     let child = launch
@@ -354,7 +356,7 @@ fn start_forwarder(
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()?;
-    Ok(Relay { child, addr })
+    Ok(Spawned { child, addr })
 }
 
 fn token(channel: &str, user: &str, role: Role) -> String {
@@ -616,13 +618,13 @@ struct Bench {
     duration: Duration,
     size: usize,
     topology: Topology,
-    relays: Vec<Relay>,
+    relays: Vec<Spawned>,
     pairs: Vec<Pair>,
     epoch: Instant,
     relayed: Arc<Recorder>,
     direct: Arc<Recorder>,
     /// The plain forwarder and what its sink receives (`--baseline`).
-    forwarder: Option<(Relay, Arc<Recorder>)>,
+    forwarder: Option<(Spawned, Arc<Recorder>)>,
     ticks: f64,
     /// CPUs the load generator may use.
     generator_cpus: usize,
@@ -790,7 +792,7 @@ impl Bench {
     /// CPU seconds so far of what forwards on `path`: the relays, or the
     /// plain forwarder.
     fn forwarding_cpu(&self, path: Path) -> anyhow::Result<f64> {
-        let processes: Vec<&Relay> = match (path, &self.forwarder) {
+        let processes: Vec<&Spawned> = match (path, &self.forwarder) {
             (Path::Forwarded, Some((f, _))) => vec![f],
             _ => self.relays.iter().collect(),
         };
@@ -816,10 +818,14 @@ impl Bench {
         let senders: Vec<Sender> = self
             .pairs
             .iter()
-            .map(|p| match (path, &p.forwarded) {
-                (Path::Relayed, _) => Sender::Relayed(p.publisher.clone(), p.channel),
-                (Path::Forwarded, Some(conn)) => Sender::Direct(conn.clone()),
-                _ => Sender::Direct(p.direct.clone()),
+            .map(|p| match path {
+                Path::Relayed => Sender::Relayed(p.publisher.clone(), p.channel),
+                Path::Direct => Sender::Direct(p.direct.clone()),
+                Path::Forwarded => Sender::Direct(
+                    p.forwarded
+                        .clone()
+                        .expect("pairs connect through the forwarder when there is one"),
+                ),
             })
             .collect();
         let (epoch, size) = (self.epoch, self.size);
