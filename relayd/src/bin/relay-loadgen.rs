@@ -345,17 +345,27 @@ fn start_forwarder(
     upstream: std::net::SocketAddr,
     launch: &Launch,
 ) -> anyhow::Result<Spawned> {
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    use std::io::BufRead;
     let log = std::fs::File::create(dir.join("udp-forward.log"))?;
-    let child = launch
+    let mut child = launch
         .command(&sibling_binary("udp-forward")?)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--upstream")
+        .args(["--listen", "127.0.0.1:0", "--upstream"])
         .arg(upstream.to_string())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()?;
+    // It picks its own port and prints it once bound: no port chosen here
+    // can be taken by another socket before it binds, and nothing connects
+    // before it listens.
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("udp-forward's stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line.trim().parse().with_context(|| {
+        format!(
+            "udp-forward did not start (printed {line:?}; see {})",
+            dir.join("udp-forward.log").display()
+        )
+    })?;
     Ok(Spawned { child, addr })
 }
 

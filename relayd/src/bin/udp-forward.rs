@@ -12,6 +12,9 @@
 //! ```text
 //! udp-forward --listen 127.0.0.1:4000 --upstream 127.0.0.1:5000
 //! ```
+//!
+//! It prints the address it listens on, one line on standard output, once
+//! bound (so `--listen 127.0.0.1:0` lets the system choose a free port).
 #![allow(clippy::disallowed_methods)] // a benchmark tool
 
 use std::collections::HashMap;
@@ -94,7 +97,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    rt.block_on(async { serve(udp_socket(cli.listen)?, cli.upstream, cli.max_clients).await })
+    rt.block_on(async {
+        let listen = udp_socket(cli.listen)?;
+        // The bound address, for whoever started us with port 0.
+        println!("{}", listen.local_addr()?);
+        serve(listen, cli.upstream, cli.max_clients).await
+    })
 }
 
 #[cfg(test)]
