@@ -24,12 +24,17 @@
 //! relay without encryption) the same way, on the relays' CPU, and prints
 //! the two side by side: its maximum, and its CPU per datagram and added
 //! latency at the rate the relays' latency was measured at.
+//! `--coturn` does the same for coturn, the TURN server operators run:
+//! the same QUIC connection crosses it in a TURN channel (ChannelData over
+//! UDP, no authentication; see `turn.rs`).
 //!
 //! ```text
 //! cargo run -p relayd --release --bin relay-loadgen -- --sweep
 //! cargo run -p relayd --release --bin relay-loadgen -- --topology chain --rate 50000
 //! ```
 #![allow(clippy::disallowed_methods)] // a benchmark reads clocks
+
+mod turn;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -181,6 +186,15 @@ struct Cli {
     /// latency it adds at half of that are found too.
     #[arg(long)]
     baseline: bool,
+    /// Also measure coturn (TURN over UDP, no authentication, one relay
+    /// thread) the same way, started like the relays, on their CPU. Each
+    /// publisher gets one more connection to a sink, through a TURN
+    /// allocation and channel of its own.
+    #[arg(long)]
+    coturn: bool,
+    /// coturn's server binary (Debian package `coturn`).
+    #[arg(long, default_value = "turnserver")]
+    turnserver: PathBuf,
 }
 
 /// Priority of the relays under `--realtime` (1-99; low, so that the
@@ -369,6 +383,60 @@ fn start_forwarder(
     Ok(Spawned { child, addr })
 }
 
+/// Starts coturn on a port of its own, the way the relays are started:
+/// UDP only, anonymous (no credentials to check, as for `udp-forward`),
+/// one relay thread as relayd has one worker, peers on loopback allowed.
+fn start_coturn(
+    dir: &std::path::Path,
+    turnserver: &std::path::Path,
+    launch: &Launch,
+) -> anyhow::Result<Spawned> {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("coturn.out"))?;
+    let child = launch
+        .command(turnserver)
+        .args([
+            "-n",
+            "--no-auth",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp",
+            "--no-tcp-relay",
+            "--listening-ip",
+            "127.0.0.1",
+            "--relay-ip",
+            "127.0.0.1",
+            "--allow-loopback-peers",
+            "--relay-threads",
+            "1",
+            "--realm",
+            "loadgen",
+            "--simple-log",
+        ])
+        .arg("--listening-port")
+        .arg(port.to_string())
+        .arg("--log-file")
+        .arg(dir.join("coturn.log"))
+        .arg("--pidfile")
+        .arg(dir.join("coturn.pid"))
+        .arg("--userdb")
+        .arg(dir.join("coturn.sqlite"))
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (coturn: apt install coturn)",
+                turnserver.display()
+            )
+        })?;
+    Ok(Spawned {
+        child,
+        addr: ([127, 0, 0, 1], port).into(),
+    })
+}
+
 fn token(channel: &str, user: &str, role: Role) -> String {
     let secret: Vec<u8> = (0..SECRET_HEX.len() / 2)
         .map(|i| u8::from_str_radix(&SECRET_HEX[2 * i..2 * i + 2], 16).unwrap())
@@ -407,6 +475,21 @@ enum Path {
     /// Publisher's endpoint -> `udp-forward` -> a second sink: the same
     /// QUIC connection relayed as plain UDP (`--baseline`).
     Forwarded,
+    /// A TURN client socket of the publisher's -> coturn -> a third sink:
+    /// the same QUIC connection in a TURN channel (`--coturn`).
+    Turned,
+}
+
+impl Path {
+    /// The name printed for the path's results.
+    fn name(self, topology: Topology) -> String {
+        match self {
+            Path::Relayed => format!("{topology:?}").to_lowercase(),
+            Path::Direct => "direct".into(),
+            Path::Forwarded => "udp-forward".into(),
+            Path::Turned => "coturn".into(),
+        }
+    }
 }
 
 /// Receive side of one path: counts and one-way latencies.
@@ -461,9 +544,8 @@ struct Pair {
     channel: relay_core::ChannelId,
     /// From the publisher's endpoint straight to the sink.
     direct: quinn::Connection,
-    /// From the publisher's endpoint to the other sink through the plain
-    /// forwarder (`--baseline`).
-    forwarded: Option<quinn::Connection>,
+    /// Through each of the bench's baselines, in their order.
+    through_baselines: Vec<quinn::Connection>,
 }
 
 /// What one or more runs on one path measured.
@@ -500,15 +582,11 @@ impl Sample {
             // Each delivered datagram was forwarded once per relay on its way.
             Path::Relayed => self.received * relays as u64,
             Path::Direct => 0,
-            Path::Forwarded => self.received,
+            Path::Forwarded | Path::Turned => self.received,
         };
         let cpu = self.relay_cpu;
         RunResult {
-            path: match self.path {
-                Path::Relayed => format!("{topology:?}").to_lowercase(),
-                Path::Direct => "direct".into(),
-                Path::Forwarded => "udp-forward".into(),
-            },
+            path: self.path.name(topology),
             offered_rate: self.rate,
             sent: self.sent,
             sent_per_s: self.sent as f64 / self.send_seconds,
@@ -541,7 +619,8 @@ impl Sample {
 #[derive(Debug, Clone, serde::Serialize)]
 struct RunResult {
     /// "single" or "chain" (through the relays), "direct" (the path
-    /// latency is added to) or "udp-forward" (the plain forwarder).
+    /// latency is added to), "udp-forward" (the plain forwarder) or
+    /// "coturn".
     path: String,
     offered_rate: u64,
     sent: u64,
@@ -553,7 +632,7 @@ struct RunResult {
     /// Datagrams forwarded per second, summed over the relays.
     forwarded_per_s: f64,
     /// Relay CPU seconds per second of run (cores used), summed; the
-    /// forwarder's on the "udp-forward" path.
+    /// forwarder's or coturn's on their paths.
     relay_cores: f64,
     /// The load generator's own CPU seconds per second of run.
     loadgen_cores: f64,
@@ -622,6 +701,17 @@ struct Report {
     relays: Measured,
     /// The plain UDP forwarder (`--baseline`).
     baseline: Option<Measured>,
+    /// coturn (`--coturn`).
+    coturn: Option<Measured>,
+}
+
+/// A relay the relays are measured against (`--baseline`, `--coturn`):
+/// its process and its own sink.
+struct Baseline {
+    path: Path,
+    process: Spawned,
+    sink: std::net::SocketAddr,
+    recorder: Arc<Recorder>,
 }
 
 struct Bench {
@@ -633,8 +723,8 @@ struct Bench {
     epoch: Instant,
     relayed: Arc<Recorder>,
     direct: Arc<Recorder>,
-    /// The plain forwarder and what its sink receives (`--baseline`).
-    forwarder: Option<(Spawned, Arc<Recorder>)>,
+    /// The plain forwarder and coturn, as asked for.
+    baselines: Vec<Baseline>,
     ticks: f64,
     /// CPUs the load generator may use.
     generator_cpus: usize,
@@ -643,6 +733,24 @@ struct Bench {
 fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
     let (socket, _) = bind_udp("127.0.0.1:0".parse()?, DEFAULT_SOCKET_BUFFER)?;
     Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        quinn::default_runtime().context("no async runtime")?,
+    )?)
+}
+
+/// A client endpoint whose packets cross `server` (a TURN server) in a
+/// channel to `peer`: the only peer it can reach.
+async fn turn_endpoint(
+    server: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+) -> anyhow::Result<quinn::Endpoint> {
+    // coturn may still be starting.
+    let socket = turn::TurnSocket::connect(server, peer, Duration::from_secs(10))
+        .await
+        .context("TURN allocation on coturn")?;
+    Ok(quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         None,
         socket,
@@ -725,13 +833,24 @@ impl Bench {
         let direct = Recorder::new()?;
         let sink = start_sink(dir, direct.clone(), epoch)?;
         let sink_addr = sink.local_addr()?;
-        let forwarder = if cli.baseline {
+        let mut baselines = Vec::new();
+        for (path, asked) in [(Path::Forwarded, cli.baseline), (Path::Turned, cli.coturn)] {
+            if !asked {
+                continue;
+            }
             let recorder = Recorder::new()?;
-            let sink = start_sink(dir, recorder.clone(), epoch)?;
-            Some((start_forwarder(dir, sink.local_addr()?, launch)?, recorder))
-        } else {
-            None
-        };
+            let sink = start_sink(dir, recorder.clone(), epoch)?.local_addr()?;
+            let process = match path {
+                Path::Forwarded => start_forwarder(dir, sink, launch)?,
+                _ => start_coturn(dir, &cli.turnserver, launch)?,
+            };
+            baselines.push(Baseline {
+                path,
+                process,
+                sink,
+                recorder,
+            });
+        }
 
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem"))? {
@@ -758,15 +877,21 @@ impl Bench {
             let direct = pub_endpoint
                 .connect_with(direct_config.clone(), sink_addr, "localhost")?
                 .await?;
-            let forwarded = match &forwarder {
-                Some((f, _)) => Some(
-                    pub_endpoint
-                        .connect_with(direct_config.clone(), f.addr, "localhost")?
+            let mut through_baselines = Vec::new();
+            for b in &baselines {
+                let connection = match b.path {
+                    Path::Forwarded => pub_endpoint
+                        .connect_with(direct_config.clone(), b.process.addr, "localhost")?
                         .await
                         .context("connecting through udp-forward")?,
-                ),
-                None => None,
-            };
+                    _ => turn_endpoint(b.process.addr, b.sink)
+                        .await?
+                        .connect_with(direct_config.clone(), b.sink, "localhost")?
+                        .await
+                        .context("connecting through coturn")?,
+                };
+                through_baselines.push(connection);
+            }
             let recorder = relayed.clone();
             let media = sub.datagrams();
             tokio::spawn(async move {
@@ -781,7 +906,7 @@ impl Bench {
                 _sessions: [sub, publisher],
                 channel: joined.channel,
                 direct,
-                forwarded,
+                through_baselines,
             });
         }
         Ok(Bench {
@@ -793,18 +918,27 @@ impl Bench {
             epoch,
             relayed,
             direct,
-            forwarder,
+            baselines,
             ticks: clock_ticks(),
             generator_cpus,
         })
     }
 
+    /// The baseline on `path`, and its index among the bench's.
+    fn baseline(&self, path: Path) -> anyhow::Result<(usize, &Baseline)> {
+        self.baselines
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.path == path)
+            .with_context(|| format!("no {} in this run", path.name(self.topology)))
+    }
+
     /// CPU seconds so far of what forwards on `path`: the relays, or the
-    /// plain forwarder.
+    /// baseline's process.
     fn forwarding_cpu(&self, path: Path) -> anyhow::Result<f64> {
-        let processes: Vec<&Spawned> = match (path, &self.forwarder) {
-            (Path::Forwarded, Some((f, _))) => vec![f],
-            _ => self.relays.iter().collect(),
+        let processes: Vec<&Spawned> = match path {
+            Path::Relayed | Path::Direct => self.relays.iter().collect(),
+            _ => vec![&self.baseline(path)?.1.process],
         };
         let mut sum = 0.0;
         for r in processes {
@@ -815,11 +949,13 @@ impl Bench {
 
     /// Sends at `rate` datagrams/s on `path` for the configured duration.
     async fn run(&self, path: Path, rate: u64, duration: Duration) -> anyhow::Result<Sample> {
-        let recorder = match (path, &self.forwarder) {
-            (Path::Relayed, _) => &self.relayed,
-            (Path::Direct, _) => &self.direct,
-            (Path::Forwarded, Some((_, r))) => r,
-            (Path::Forwarded, None) => bail!("no forwarder: --baseline was not given"),
+        let (recorder, index) = match path {
+            Path::Relayed => (&self.relayed, 0),
+            Path::Direct => (&self.direct, 0),
+            _ => {
+                let (i, b) = self.baseline(path)?;
+                (&b.recorder, i)
+            }
         };
         recorder.start();
         let relay_before = self.forwarding_cpu(path)?;
@@ -831,11 +967,9 @@ impl Bench {
             .map(|p| match path {
                 Path::Relayed => Sender::Relayed(p.publisher.clone(), p.channel),
                 Path::Direct => Sender::Direct(p.direct.clone()),
-                Path::Forwarded => Sender::Direct(
-                    p.forwarded
-                        .clone()
-                        .expect("pairs connect through the forwarder when there is one"),
-                ),
+                Path::Forwarded | Path::Turned => {
+                    Sender::Direct(p.through_baselines[index].clone())
+                }
             })
             .collect();
         let (epoch, size) = (self.epoch, self.size);
@@ -1021,8 +1155,8 @@ fn print_added(a: &Added, by: &str) {
     );
 }
 
-/// The relays' figures next to the plain forwarder's, from the same run.
-fn compare(relays: &Measured, baseline: &Measured) {
+/// The relays' figures next to the baselines', from the same run.
+fn compare(relays: &Measured, baselines: &[(&str, &Measured)]) {
     let at_max = |m: &Measured| {
         let max = m.max_loss_free_rate?;
         let per_core = m
@@ -1034,25 +1168,30 @@ fn compare(relays: &Measured, baseline: &Measured) {
         Some((max, per_core))
     };
     println!("side by side, same CPU, same run:");
-    if let (Some((max, per_core)), Some((base_max, base_per_core))) =
-        (at_max(relays), at_max(baseline))
-    {
-        println!(
-            "  maximum: relays {max}/s, udp-forward {base_max}/s; forwarded per core used there: {per_core:.0}/s and {base_per_core:.0}/s"
-        );
+    if let Some((max, per_core)) = at_max(relays) {
+        println!("  maximum: relays {max}/s, forwarded per core used there {per_core:.0}/s");
     }
-    if let (Some(a), Some(b)) = (&relays.added, &baseline.added) {
-        println!(
-            "  at {}/s: relays {:.2} CPU-s per million, udp-forward {:.2} ({:.1}x); added p50 {:.0} us and {:.0} us, p99 {:.0} us and {:.0} us",
-            a.offered_rate,
-            a.through.cpu_s_per_million,
-            b.through.cpu_s_per_million,
-            a.through.cpu_s_per_million / b.through.cpu_s_per_million,
-            a.added_p50_us,
-            b.added_p50_us,
-            a.added_p99_us,
-            b.added_p99_us,
-        );
+    for (name, m) in baselines {
+        if let Some((max, per_core)) = at_max(m) {
+            println!("  maximum: {name} {max}/s, forwarded per core used there {per_core:.0}/s");
+        }
+    }
+    let Some(a) = &relays.added else { return };
+    println!(
+        "  at {}/s: relays {:.2} CPU-s per million, added p50 {:.0} us, p99 {:.0} us",
+        a.offered_rate, a.through.cpu_s_per_million, a.added_p50_us, a.added_p99_us,
+    );
+    for (name, m) in baselines {
+        if let Some(b) = &m.added {
+            println!(
+                "  at {}/s: {name} {:.2} CPU-s per million (relays {:.1}x), added p50 {:.0} us, p99 {:.0} us",
+                b.offered_rate,
+                b.through.cpu_s_per_million,
+                a.through.cpu_s_per_million / b.through.cpu_s_per_million,
+                b.added_p50_us,
+                b.added_p99_us,
+            );
+        }
     }
 }
 
@@ -1105,9 +1244,7 @@ fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Warm up every path.
         let mut paths = vec![Path::Relayed, Path::Direct];
-        if bench.forwarder.is_some() {
-            paths.push(Path::Forwarded);
-        }
+        paths.extend(bench.baselines.iter().map(|b| b.path));
         for path in paths {
             bench
                 .run(path, cli.rate.min(5000), Duration::from_secs(1))
@@ -1115,26 +1252,29 @@ fn main() -> anyhow::Result<()> {
         }
         let by = format!("{} relay(s)", bench.relays.len());
         let relays = bench.measure(Path::Relayed, &cli, None, &by).await?;
-        let baseline = match bench.forwarder {
-            Some(_) => {
-                println!("baseline: the plain UDP forwarder (udp-forward) on the relays' CPU");
-                // At the rate the relays' latency was measured at.
-                let at = relays.added.as_ref().map(|a| a.offered_rate);
-                Some(
-                    bench
-                        .measure(Path::Forwarded, &cli, at, "udp-forward")
-                        .await?,
-                )
-            }
-            None => None,
-        };
-        if let Some(b) = &baseline {
-            compare(&relays, b);
+        // At the rate the relays' latency was measured at.
+        let at = relays.added.as_ref().map(|a| a.offered_rate);
+        let (mut baseline, mut coturn) = (None, None);
+        for b in &bench.baselines {
+            let (name, slot) = match b.path {
+                Path::Forwarded => ("udp-forward", &mut baseline),
+                _ => ("coturn", &mut coturn),
+            };
+            println!("baseline: {name} on the relays' CPU");
+            *slot = Some(bench.measure(b.path, &cli, at, name).await?);
+        }
+        let measured: Vec<(&str, &Measured)> = [("udp-forward", &baseline), ("coturn", &coturn)]
+            .into_iter()
+            .filter_map(|(name, m)| Some((name, m.as_ref()?)))
+            .collect();
+        if !measured.is_empty() {
+            compare(&relays, &measured);
         }
         let report = Report {
             realtime,
             relays,
             baseline,
+            coturn,
         };
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -1175,6 +1315,49 @@ mod tests {
             own_cpu: 0.25,
             histogram,
         }
+    }
+
+    /// The coturn path's plumbing, against a TURN server of the test's:
+    /// the sink accepts a QUIC connection made through a TURN channel and
+    /// receives every datagram sent on it.
+    #[tokio::test]
+    async fn a_quic_connection_crosses_a_turn_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(
+            &dir.path().join("pki"),
+            &[Node::Relay(1)],
+            &default_cluster_domain(),
+            &[],
+        )
+        .unwrap();
+        let (recorder, epoch) = (Recorder::new().unwrap(), Instant::now());
+        let sink = start_sink(dir.path(), recorder.clone(), epoch)
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = turn::tests::tiny_turn_server(false).await;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.path().join("pki/ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config =
+            quic_client_with_roots(Arc::new(roots), DIRECT_ALPN, Arc::new(media_transport()))
+                .unwrap();
+        let connection = turn_endpoint(server, sink)
+            .await
+            .unwrap()
+            .connect_with(config, sink, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        recorder.start();
+        let sender = [Sender::Direct(connection)];
+        let sent = pace(&sender, 1000, Duration::from_millis(100), 200, epoch);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while recorder.received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((sent, recorder.stop().0), (100, 100));
     }
 
     #[test]
