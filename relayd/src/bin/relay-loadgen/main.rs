@@ -261,6 +261,36 @@ impl Drop for Spawned {
     }
 }
 
+/// Packets the kernel has dropped so far at this host's UDP sockets bound
+/// to `ports` (the last column of `/proc/net/udp` and `udp6`).
+fn udp_drops(ports: &[u16]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        sum += socket_drops(&text, ports)?;
+    }
+    Ok(sum)
+}
+
+/// Sums the drops of the sockets in a `/proc/net/udp` table whose local
+/// port is one of `ports`.
+fn socket_drops(table: &str, ports: &[u16]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(drops)) = (fields.get(1), fields.last()) else {
+            continue;
+        };
+        let port = local.rsplit_once(':').context("bad local address")?.1;
+        if ports.contains(&u16::from_str_radix(port, 16)?) {
+            sum += drops.parse::<u64>()?;
+        }
+    }
+    Ok(sum)
+}
+
 /// User + system CPU seconds so far of a process (`pid`, or "self").
 fn cpu_seconds(pid: &str, ticks: f64) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -538,12 +568,14 @@ impl Recorder {
 }
 
 struct Pair {
-    /// Both sessions stay open for the run.
-    _sessions: [Session; 2],
+    /// Subscriber and publisher; both stay open for the run.
+    sessions: [Session; 2],
     publisher: MediaSender,
     channel: relay_core::ChannelId,
     /// From the publisher's endpoint straight to the sink.
     direct: quinn::Connection,
+    /// The subscriber's UDP port (its socket's kernel drops are counted).
+    subscriber_port: u16,
     /// Through each of the bench's baselines, in their order.
     through_baselines: Vec<quinn::Connection>,
 }
@@ -561,6 +593,14 @@ struct Sample {
     seconds: f64,
     relay_cpu: f64,
     own_cpu: f64,
+    /// Datagrams the publishers' QUIC stacks put into packets: fewer than
+    /// `sent` when the generator could not send as fast as it offered and
+    /// quinn dropped queued datagrams (its send buffer is bounded).
+    on_wire: u64,
+    /// Packets the kernel dropped at the generator's receiving sockets for
+    /// the path (full receive buffers: the generator did not read fast
+    /// enough).
+    receive_drops: u64,
     histogram: Histogram<u64>,
 }
 
@@ -572,6 +612,8 @@ impl Sample {
         self.seconds += other.seconds;
         self.relay_cpu += other.relay_cpu;
         self.own_cpu += other.own_cpu;
+        self.on_wire += other.on_wire;
+        self.receive_drops += other.receive_drops;
         self.histogram
             .add(&other.histogram)
             .expect("histograms of the same bounds");
@@ -596,6 +638,8 @@ impl Sample {
             } else {
                 1.0 - self.received as f64 / self.sent as f64
             },
+            generator_dropped: self.sent.saturating_sub(self.on_wire),
+            generator_receive_drops: self.receive_drops,
             forwarded_per_s: forwarded as f64 / self.send_seconds,
             relay_cores: cpu / self.seconds,
             loadgen_cores: self.own_cpu / self.seconds,
@@ -629,6 +673,14 @@ struct RunResult {
     sent_per_s: f64,
     received: u64,
     loss: f64,
+    /// Of the sent datagrams, those the load generator's own QUIC stacks
+    /// dropped before any packet carried them: loss that is the
+    /// generator's, not the path's.
+    generator_dropped: u64,
+    /// Packets (each may carry several datagrams) the kernel dropped
+    /// because the generator's receiving sockets were full: loss that is
+    /// the generator's too.
+    generator_receive_drops: u64,
     /// Datagrams forwarded per second, summed over the relays.
     forwarded_per_s: f64,
     /// Relay CPU seconds per second of run (cores used), summed; the
@@ -723,6 +775,8 @@ struct Bench {
     epoch: Instant,
     relayed: Arc<Recorder>,
     direct: Arc<Recorder>,
+    /// The direct path's sink.
+    sink_port: u16,
     /// The plain forwarder and coturn, as asked for.
     baselines: Vec<Baseline>,
     ticks: f64,
@@ -867,6 +921,7 @@ impl Bench {
             let name = format!("bench-{i}");
             // Every client has its own socket, as on separate machines.
             let (sub_endpoint, pub_endpoint) = (client_endpoint()?, client_endpoint()?);
+            let subscriber_port = sub_endpoint.local_addr()?.port();
             let mut sub = connect_session(&sub_endpoint, &config, sub_addr).await?;
             sub.join(&name, &token(&name, &format!("sub{i}"), Role::Subscriber))
                 .await?;
@@ -903,9 +958,10 @@ impl Bench {
             });
             pairs.push(Pair {
                 publisher: publisher.media_sender(),
-                _sessions: [sub, publisher],
+                sessions: [sub, publisher],
                 channel: joined.channel,
                 direct,
+                subscriber_port,
                 through_baselines,
             });
         }
@@ -918,6 +974,7 @@ impl Bench {
             epoch,
             relayed,
             direct,
+            sink_port: sink_addr.port(),
             baselines,
             ticks: clock_ticks(),
             generator_cpus,
@@ -947,6 +1004,31 @@ impl Bench {
         Ok(sum)
     }
 
+    /// DATAGRAM frames the publishers have sent so far on `path` (the
+    /// baseline's at `index`).
+    fn on_wire(&self, path: Path, index: usize) -> u64 {
+        self.pairs
+            .iter()
+            .map(|p| {
+                let stats = match path {
+                    Path::Relayed => p.sessions[1].connection_stats(),
+                    Path::Direct => p.direct.stats(),
+                    Path::Forwarded | Path::Turned => p.through_baselines[index].stats(),
+                };
+                stats.frame_tx.datagram
+            })
+            .sum()
+    }
+
+    /// The generator's UDP ports that receive `path`'s datagrams.
+    fn receive_ports(&self, path: Path, index: usize) -> anyhow::Result<Vec<u16>> {
+        Ok(match path {
+            Path::Relayed => self.pairs.iter().map(|p| p.subscriber_port).collect(),
+            Path::Direct => vec![self.sink_port],
+            Path::Forwarded | Path::Turned => vec![self.baselines[index].sink.port()],
+        })
+    }
+
     /// Sends at `rate` datagrams/s on `path` for the configured duration.
     async fn run(&self, path: Path, rate: u64, duration: Duration) -> anyhow::Result<Sample> {
         let (recorder, index) = match path {
@@ -972,6 +1054,9 @@ impl Bench {
                 }
             })
             .collect();
+        let on_wire_before = self.on_wire(path, index);
+        let receivers = self.receive_ports(path, index)?;
+        let drops_before = udp_drops(&receivers)?;
         let (epoch, size) = (self.epoch, self.size);
         let sent = tokio::task::spawn_blocking(move || pace(&senders, rate, duration, size, epoch))
             .await?;
@@ -989,6 +1074,8 @@ impl Bench {
             seconds,
             relay_cpu: self.forwarding_cpu(path)? - relay_before,
             own_cpu: cpu_seconds("self", self.ticks)? - own_before,
+            on_wire: self.on_wire(path, index) - on_wire_before,
+            receive_drops: udp_drops(&receivers)? - drops_before,
             histogram,
         })
     }
@@ -997,17 +1084,31 @@ impl Bench {
         sample.result(self.topology, self.relays.len())
     }
 
-    /// Whether the load generator used nearly all of its CPUs: then it,
-    /// not the relay, may set the figures.
+    /// Whether the load generator used nearly all of its CPUs, or dropped
+    /// datagrams it offered before sending them: then it, not the relay,
+    /// may set the figures.
     fn generator_saturated(&self, r: &RunResult) -> bool {
-        let saturated = r.loadgen_cores >= 0.9 * self.generator_cpus as f64;
-        if saturated {
+        let busy = r.loadgen_cores >= 0.9 * self.generator_cpus as f64;
+        if busy {
             println!(
                 "warning: the load generator used {:.2} of its {} CPU(s): it may be what limits this run",
                 r.loadgen_cores, self.generator_cpus
             );
         }
-        saturated
+        let dropping = r.generator_dropped as f64 > 0.001 * r.sent as f64;
+        if dropping {
+            println!(
+                "warning: the load generator's QUIC stacks dropped {} of the {} datagrams offered before sending them: that loss is the generator's",
+                r.generator_dropped, r.sent
+            );
+        }
+        if r.generator_receive_drops > 0 {
+            println!(
+                "warning: the kernel dropped {} packets at the load generator's full receiving sockets: that loss is the generator's",
+                r.generator_receive_drops
+            );
+        }
+        busy || dropping || r.generator_receive_drops > 0
     }
 
     /// Raises the rate on `path` until it no longer keeps up (or the load
@@ -1127,7 +1228,7 @@ fn pace(senders: &[Sender], rate: u64, duration: Duration, size: usize, epoch: I
 
 fn print(r: &RunResult) {
     println!(
-        "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} %  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
+        "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} % (generator: {} unsent, {} packets dropped on receipt)  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
          {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us  (load generator {:.2} cores)",
         r.path,
         r.offered_rate,
@@ -1135,6 +1236,8 @@ fn print(r: &RunResult) {
         r.sent_per_s,
         r.received,
         100.0 * r.loss,
+        r.generator_dropped,
+        r.generator_receive_drops,
         r.forwarded_per_s,
         r.relay_cores,
         r.cpu_s_per_million,
@@ -1153,7 +1256,18 @@ fn print_added(a: &Added, by: &str) {
         "added by {by} at {}/s ({} interleaved rounds, minus direct): p50 {:.0} us, p99 {:.0} us",
         a.offered_rate, a.rounds, a.added_p50_us, a.added_p99_us
     );
+    if a.direct.p99_us > HOST_NOISE_P99_US {
+        println!(
+            "warning: the direct path's own p99 is {:.0} us: the host's stalls dominate this run's tail, and an added p99 under 1 ms cannot be judged from it",
+            a.direct.p99_us
+        );
+    }
 }
+
+/// A direct-path p99 above this (loopback, no relay) means the host
+/// stalls the generator or its sink for longer than the added-latency
+/// target, so the difference of two p99s says little.
+const HOST_NOISE_P99_US: f64 = 1000.0;
 
 /// The relays' figures next to the baselines', from the same run.
 fn compare(relays: &Measured, baselines: &[(&str, &Measured)]) {
@@ -1313,6 +1427,8 @@ mod tests {
             seconds: 1.25,
             relay_cpu: 0.5,
             own_cpu: 0.25,
+            on_wire: sent,
+            receive_drops: 0,
             histogram,
         }
     }
@@ -1381,6 +1497,12 @@ mod tests {
         let r = s.result(Topology::Chain, 2);
         assert_eq!((r.sent, r.received), (2000, 1980));
         assert_eq!(r.forwarded_per_s, 1980.0);
+        assert_eq!(r.generator_dropped, 0);
+        // Datagrams the generator's QUIC stack never sent are its loss.
+        let mut s = sample(Path::Turned, &latencies, 1000);
+        s.on_wire = 995;
+        let r = s.result(Topology::Single, 1);
+        assert_eq!((r.path.as_str(), r.generator_dropped), ("coturn", 5));
     }
 
     #[test]
@@ -1437,6 +1559,18 @@ mod tests {
             ..pinned
         };
         assert_eq!(argv(&realtime), "chrt --fifo 10 taskset -c 1 /bin/relayd");
+    }
+
+    #[test]
+    fn socket_drops_are_summed_by_local_port() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  100: 0100007F:C235 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 9001 2 0000000000000000 44086
+  101: 0100007F:DA4A 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 9002 2 0000000000000000 4152
+  102: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 9003 2 0000000000000000 7
+";
+        assert_eq!(socket_drops(table, &[0xC235]).unwrap(), 44086);
+        assert_eq!(socket_drops(table, &[0xC235, 0xDA4A]).unwrap(), 48238);
+        assert_eq!(socket_drops(table, &[1]).unwrap(), 0);
     }
 
     #[test]
