@@ -88,7 +88,7 @@ impl TurnSocket {
             peer,
             relayed,
         });
-        tokio::spawn(keep_alive(Arc::downgrade(&turn)));
+        tokio::spawn(keep_alive(Arc::downgrade(&turn), REFRESH_EVERY));
         Ok(turn)
     }
 
@@ -102,15 +102,17 @@ impl TurnSocket {
 /// Refreshes the allocation and the channel (which also refreshes the
 /// permission) until the socket is dropped. The answers arrive on the
 /// socket quinn reads, which drops them: loopback does not lose requests.
-async fn keep_alive(turn: Weak<TurnSocket>) {
+async fn keep_alive(turn: Weak<TurnSocket>, every: Duration) {
     loop {
-        tokio::time::sleep(REFRESH_EVERY).await;
+        tokio::time::sleep(every).await;
         let Some(turn) = turn.upgrade() else { return };
         let refresh = request(REFRESH, |m| {
             m.add_attribute(Lifetime::from_u32(600));
         });
+        // `try_send_to` registers no waker: an awaited send could take the
+        // socket's one write waker from quinn's poller.
         for message in [refresh, channel_bind(turn.peer)] {
-            let _ = turn.socket.send_to(&message, turn.server).await;
+            let _ = turn.socket.try_send_to(&message, turn.server);
         }
     }
 }
@@ -269,6 +271,7 @@ impl quinn::UdpPoller for Writable {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     #[test]
     fn channel_data_is_recognised_by_channel_and_length() {
@@ -284,11 +287,14 @@ pub(crate) mod tests {
     /// and ChannelBind (or refuses Allocate with 486 when `refuse`), then
     /// relays ChannelData on the bound channel to the peer and the peer's
     /// datagrams back, from a relay socket of its own.
-    pub(crate) async fn tiny_turn_server(refuse: bool) -> SocketAddr {
+    /// Returns its address and the methods of the requests it got.
+    pub(crate) async fn tiny_turn_server(refuse: bool) -> (SocketAddr, Arc<Mutex<Vec<Method>>>) {
         use stun_codec::rfc5389::attributes::ErrorCode;
         let listen = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = listen.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
         tokio::spawn(async move {
             let (mut client, mut peer) = (None, None);
             let (mut a, mut b) = (vec![0u8; 2048], vec![0u8; 2048]);
@@ -301,6 +307,7 @@ pub(crate) mod tests {
                             continue;
                         }
                         let m = MessageDecoder::<Attribute>::new().decode_from_bytes(&a[..n]).unwrap().unwrap();
+                        log.lock().unwrap().push(m.method());
                         if let Some(p) = m.get_attribute::<XorPeerAddress>() {
                             peer = Some(p.address());
                         }
@@ -328,12 +335,12 @@ pub(crate) mod tests {
                 }
             }
         });
-        addr
+        (addr, requests)
     }
 
     #[tokio::test]
     async fn datagrams_cross_the_channel_both_ways() {
-        let server = tiny_turn_server(false).await;
+        let (server, _) = tiny_turn_server(false).await;
         let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let peer = sink.local_addr().unwrap();
         let turn = TurnSocket::connect(server, peer, Duration::from_secs(2))
@@ -367,8 +374,29 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_allocation_and_channel_are_refreshed_while_the_socket_lives() {
+        let (server, requests) = tiny_turn_server(false).await;
+        let turn = TurnSocket::connect(server, server, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let refresher = tokio::spawn(keep_alive(Arc::downgrade(&turn), Duration::from_millis(20)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = requests.lock().unwrap().clone();
+        assert_eq!(seen[..2], [ALLOCATE, CHANNEL_BIND]);
+        assert!(
+            seen[2..].contains(&REFRESH) && seen[2..].contains(&CHANNEL_BIND),
+            "{seen:?}"
+        );
+        drop(turn);
+        tokio::time::timeout(Duration::from_secs(1), refresher)
+            .await
+            .expect("the refresher ends with its socket")
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn a_refusal_is_reported_with_its_code() {
-        let server = tiny_turn_server(true).await;
+        let (server, _) = tiny_turn_server(true).await;
         let err = TurnSocket::connect(server, server, Duration::from_secs(2))
             .await
             .unwrap_err();
