@@ -247,8 +247,8 @@ fn realtime(asked: bool) -> bool {
     allowed
 }
 
-/// A process this load generator started (a relay or the forwarder),
-/// killed when dropped.
+/// A process this load generator started (a relay, `udp-forward` or
+/// coturn), killed when dropped.
 struct Spawned {
     child: Child,
     addr: std::net::SocketAddr,
@@ -580,6 +580,43 @@ struct Pair {
     through_baselines: Vec<quinn::Connection>,
 }
 
+/// Where a path's datagrams go, resolved once per run.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// Through the relays, from the publisher's session.
+    Relays,
+    /// To the direct path's sink.
+    Direct,
+    /// Through the bench's baseline at this index.
+    Baseline(usize),
+}
+
+impl Pair {
+    /// The publisher's own QUIC connection on `via`; none through the
+    /// relays, where it publishes through its session.
+    fn connection(&self, via: Via) -> Option<&quinn::Connection> {
+        match via {
+            Via::Relays => None,
+            Via::Direct => Some(&self.direct),
+            Via::Baseline(i) => Some(&self.through_baselines[i]),
+        }
+    }
+
+    fn sender(&self, via: Via) -> Sender {
+        match self.connection(via) {
+            Some(c) => Sender::Direct(c.clone()),
+            None => Sender::Relayed(self.publisher.clone(), self.channel),
+        }
+    }
+
+    fn stats(&self, via: Via) -> quinn::ConnectionStats {
+        match self.connection(via) {
+            Some(c) => c.stats(),
+            None => self.sessions[1].connection_stats(),
+        }
+    }
+}
+
 /// What one or more runs on one path measured.
 #[derive(Clone)]
 struct Sample {
@@ -726,14 +763,14 @@ impl RunResult {
     }
 }
 
-/// Latency the relays (or the plain forwarder) add: that path's
+/// Latency the relays (or a baseline) add: that path's
 /// percentiles minus the direct path's, both measured at the same rate in
 /// interleaved rounds.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Added {
     offered_rate: u64,
     rounds: usize,
-    /// The path measured: through the relays, or through the forwarder.
+    /// The path measured: through the relays, or through a baseline.
     through: RunResult,
     direct: RunResult,
     added_p50_us: f64,
@@ -764,7 +801,7 @@ struct Measured {
 
 #[derive(Debug, serde::Serialize)]
 struct Report {
-    /// Whether the relays (and the forwarder) ran under SCHED_FIFO.
+    /// Whether the relays (and the baselines) ran under SCHED_FIFO.
     realtime: bool,
     relays: Measured,
     /// The plain UDP forwarder (`--baseline`).
@@ -802,11 +839,20 @@ struct Bench {
 
 fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
     let (socket, _) = bind_udp("127.0.0.1:0".parse()?, DEFAULT_SOCKET_BUFFER)?;
-    Ok(quinn::Endpoint::new(
+    endpoint_on(runtime()?.wrap_udp_socket(socket)?)
+}
+
+fn runtime() -> anyhow::Result<Arc<dyn quinn::Runtime>> {
+    quinn::default_runtime().context("no async runtime")
+}
+
+/// A client endpoint on `socket`.
+fn endpoint_on(socket: Arc<dyn quinn::AsyncUdpSocket>) -> anyhow::Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         None,
         socket,
-        quinn::default_runtime().context("no async runtime")?,
+        runtime()?,
     )?)
 }
 
@@ -820,12 +866,7 @@ async fn turn_endpoint(
     let socket = turn::TurnSocket::connect(server, peer, Duration::from_secs(10))
         .await
         .context("TURN allocation on coturn")?;
-    Ok(quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        quinn::default_runtime().context("no async runtime")?,
-    )?)
+    endpoint_on(socket)
 }
 
 async fn connect_session(
@@ -997,21 +1038,27 @@ impl Bench {
         })
     }
 
-    /// The baseline on `path`, and its index among the bench's.
-    fn baseline(&self, path: Path) -> anyhow::Result<(usize, &Baseline)> {
-        self.baselines
-            .iter()
-            .enumerate()
-            .find(|(_, b)| b.path == path)
-            .with_context(|| format!("no {} in this run", path.name(self.topology)))
+    /// Where `path`'s datagrams go in this bench.
+    fn via(&self, path: Path) -> anyhow::Result<Via> {
+        Ok(match path {
+            Path::Relayed => Via::Relays,
+            Path::Direct => Via::Direct,
+            Path::Forwarded | Path::Turned => Via::Baseline(
+                self.baselines
+                    .iter()
+                    .position(|b| b.path == path)
+                    .with_context(|| format!("no {} in this run", path.name(self.topology)))?,
+            ),
+        })
     }
 
-    /// CPU seconds so far of what forwards on `path`: the relays, or the
+    /// CPU seconds so far of what forwards on `via`: the relays (counted on
+    /// the direct path too, as a check that they are idle), or the
     /// baseline's process.
-    fn forwarding_cpu(&self, path: Path) -> anyhow::Result<f64> {
-        let processes: Vec<&Spawned> = match path {
-            Path::Relayed | Path::Direct => self.relays.iter().collect(),
-            _ => vec![&self.baseline(path)?.1.process],
+    fn forwarding_cpu(&self, via: Via) -> anyhow::Result<f64> {
+        let processes: Vec<&Spawned> = match via {
+            Via::Relays | Via::Direct => self.relays.iter().collect(),
+            Via::Baseline(i) => vec![&self.baselines[i].process],
         };
         let mut sum = 0.0;
         for r in processes {
@@ -1020,58 +1067,38 @@ impl Bench {
         Ok(sum)
     }
 
-    /// DATAGRAM frames the publishers have sent so far on `path` (the
-    /// baseline's at `index`).
-    fn on_wire(&self, path: Path, index: usize) -> u64 {
+    /// DATAGRAM frames the publishers have sent so far on `via`.
+    fn on_wire(&self, via: Via) -> u64 {
         self.pairs
             .iter()
-            .map(|p| {
-                let stats = match path {
-                    Path::Relayed => p.sessions[1].connection_stats(),
-                    Path::Direct => p.direct.stats(),
-                    Path::Forwarded | Path::Turned => p.through_baselines[index].stats(),
-                };
-                stats.frame_tx.datagram
-            })
+            .map(|p| p.stats(via).frame_tx.datagram)
             .sum()
     }
 
-    /// The generator's UDP ports that receive `path`'s datagrams.
-    fn receive_ports(&self, path: Path, index: usize) -> anyhow::Result<Vec<u16>> {
-        Ok(match path {
-            Path::Relayed => self.pairs.iter().map(|p| p.subscriber_port).collect(),
-            Path::Direct => vec![self.sink_port],
-            Path::Forwarded | Path::Turned => vec![self.baselines[index].sink.port()],
-        })
+    /// The generator's UDP ports that receive `via`'s datagrams.
+    fn receive_ports(&self, via: Via) -> Vec<u16> {
+        match via {
+            Via::Relays => self.pairs.iter().map(|p| p.subscriber_port).collect(),
+            Via::Direct => vec![self.sink_port],
+            Via::Baseline(i) => vec![self.baselines[i].sink.port()],
+        }
     }
 
     /// Sends at `rate` datagrams/s on `path` for the configured duration.
     async fn run(&self, path: Path, rate: u64, duration: Duration) -> anyhow::Result<Sample> {
-        let (recorder, index) = match path {
-            Path::Relayed => (&self.relayed, 0),
-            Path::Direct => (&self.direct, 0),
-            _ => {
-                let (i, b) = self.baseline(path)?;
-                (&b.recorder, i)
-            }
+        let via = self.via(path)?;
+        let recorder = match via {
+            Via::Relays => &self.relayed,
+            Via::Direct => &self.direct,
+            Via::Baseline(i) => &self.baselines[i].recorder,
         };
         recorder.start();
-        let relay_before = self.forwarding_cpu(path)?;
+        let relay_before = self.forwarding_cpu(via)?;
         let own_before = cpu_seconds("self", self.ticks)?;
         let started = Instant::now();
-        let senders: Vec<Sender> = self
-            .pairs
-            .iter()
-            .map(|p| match path {
-                Path::Relayed => Sender::Relayed(p.publisher.clone(), p.channel),
-                Path::Direct => Sender::Direct(p.direct.clone()),
-                Path::Forwarded | Path::Turned => {
-                    Sender::Direct(p.through_baselines[index].clone())
-                }
-            })
-            .collect();
-        let on_wire_before = self.on_wire(path, index);
-        let receivers = self.receive_ports(path, index)?;
+        let senders: Vec<Sender> = self.pairs.iter().map(|p| p.sender(via)).collect();
+        let on_wire_before = self.on_wire(via);
+        let receivers = self.receive_ports(via);
         let drops_before = udp_drops(&receivers)?;
         let (epoch, size) = (self.epoch, self.size);
         let sent = tokio::task::spawn_blocking(move || pace(&senders, rate, duration, size, epoch))
@@ -1088,9 +1115,9 @@ impl Bench {
             received,
             send_seconds,
             seconds,
-            relay_cpu: self.forwarding_cpu(path)? - relay_before,
+            relay_cpu: self.forwarding_cpu(via)? - relay_before,
             own_cpu: cpu_seconds("self", self.ticks)? - own_before,
-            on_wire: self.on_wire(path, index) - on_wire_before,
+            on_wire: self.on_wire(via) - on_wire_before,
             // Saturating: a socket that closed takes its count with it.
             receive_drops: udp_drops(&receivers)?.saturating_sub(drops_before),
             histogram,
@@ -1301,7 +1328,7 @@ fn print_added(a: &Added, by: &str) {
 const HOST_NOISE_P99_US: f64 = 1000.0;
 
 /// The relays' figures next to the baselines', from the same run.
-fn compare(relays: &Measured, baselines: &[(&str, &Measured)]) {
+fn compare(relays: &Measured, baselines: &[(Path, String, Measured)]) {
     let at_max = |m: &Measured| {
         let max = m.max_loss_free_rate?;
         let per_core = m
@@ -1316,7 +1343,7 @@ fn compare(relays: &Measured, baselines: &[(&str, &Measured)]) {
     if let Some((max, per_core)) = at_max(relays) {
         println!("  maximum: relays {max}/s, forwarded per core used there {per_core:.0}/s");
     }
-    for (name, m) in baselines {
+    for (_, name, m) in baselines {
         if let Some((max, per_core)) = at_max(m) {
             println!("  maximum: {name} {max}/s, forwarded per core used there {per_core:.0}/s");
         }
@@ -1326,7 +1353,7 @@ fn compare(relays: &Measured, baselines: &[(&str, &Measured)]) {
         "  at {}/s: relays {:.2} CPU-s per million, added p50 {:.0} us, p99 {:.0} us",
         a.offered_rate, a.through.cpu_s_per_million, a.added_p50_us, a.added_p99_us,
     );
-    for (name, m) in baselines {
+    for (_, name, m) in baselines {
         if let Some(b) = &m.added {
             println!(
                 "  at {}/s: {name} {:.2} CPU-s per million (relays {:.1}x), added p50 {:.0} us, p99 {:.0} us",
@@ -1399,27 +1426,25 @@ fn main() -> anyhow::Result<()> {
         let relays = bench.measure(Path::Relayed, &cli, None, &by).await?;
         // At the rate the relays' latency was measured at.
         let at = relays.added.as_ref().map(|a| a.offered_rate);
-        let (mut baseline, mut coturn) = (None, None);
+        let mut baselines = Vec::new();
         for b in &bench.baselines {
-            let (name, slot) = match b.path {
-                Path::Forwarded => ("udp-forward", &mut baseline),
-                _ => ("coturn", &mut coturn),
-            };
+            let name = b.path.name(cli.topology);
             println!("baseline: {name} on the relays' CPU");
-            *slot = Some(bench.measure(b.path, &cli, at, name).await?);
+            let measured = bench.measure(b.path, &cli, at, &name).await?;
+            baselines.push((b.path, name, measured));
         }
-        let measured: Vec<(&str, &Measured)> = [("udp-forward", &baseline), ("coturn", &coturn)]
-            .into_iter()
-            .filter_map(|(name, m)| Some((name, m.as_ref()?)))
-            .collect();
-        if !measured.is_empty() {
-            compare(&relays, &measured);
+        if !baselines.is_empty() {
+            compare(&relays, &baselines);
         }
+        let mut take = |path| {
+            let i = baselines.iter().position(|(p, ..)| *p == path)?;
+            Some(baselines.remove(i).2)
+        };
         let report = Report {
             realtime,
             relays,
-            baseline,
-            coturn,
+            baseline: take(Path::Forwarded),
+            coturn: take(Path::Turned),
         };
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
