@@ -13,12 +13,20 @@
 //!   connection (same endpoint, same transport settings) to a sink in the
 //!   load generator, and the relayed and direct paths are measured at the
 //!   same rate in interleaved rounds; added = relayed minus direct, at p50
-//!   and at p99.
+//!   and at p99. And paired: in the relayed rounds one datagram in
+//!   [`PAIRED_EVERY`] is also sent on the direct connection at the same
+//!   moment, and the percentiles of the per-datagram difference are the
+//!   latency the relays added to those datagrams, with the load
+//!   generator's own stalls (which delay both copies) taken out.
 //!
 //! `--sweep` raises the rate until loss appears or the relay cannot keep
 //! up, then measures the added latency at half of that maximum.
 //! `--realtime` runs the relays under SCHED_FIFO, to tell the relays' own
-//! latency from the host's scheduling noise.
+//! latency from the host's scheduling noise; `--generator-policy
+//! realtime` does the same for the generator's own threads (precise
+//! latencies, but a wake-up per datagram caps its rate). Every run prints
+//! the time the hypervisor took from the relays' and the generator's CPUs
+//! (steal).
 //! `--baseline` measures a plain UDP forwarder (`udp-forward`: no
 //! decryption, one `recvfrom` and one `sendto` per datagram, as a TURN
 //! relay without encryption) the same way, on the relays' CPU, and prints
@@ -55,6 +63,16 @@ use relay_sdk::session::{Incoming, MediaSender, Session, client_config};
 use relayd::config::default_cluster_domain;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+
+/// How the load generator's own threads are scheduled.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum GeneratorPolicy {
+    /// SCHED_FIFO when allowed: receivers at [`REALTIME_PRIORITY`], the
+    /// pacer at [`PACER_PRIORITY`].
+    Realtime,
+    /// The default policy.
+    Normal,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Pin {
@@ -179,6 +197,19 @@ struct Cli {
     /// relays' own latency from the host's scheduling noise.
     #[arg(long)]
     realtime: bool,
+    /// Scheduling of the load generator's own threads. Under the normal
+    /// policy its pacer and its receivers share its CPU in time slices,
+    /// and datagrams wait in its sockets, up to milliseconds, for their
+    /// receiver's turn: its p99s are largely its own, but it receives in
+    /// large batches and drives several hundred thousand datagrams/s.
+    /// Under `realtime` (SCHED_FIFO when allowed; `chrt` on each thread) a
+    /// receiver runs as soon as a datagram arrives and the pacer, one
+    /// priority below, sends in the gaps (each datagram is stamped as it
+    /// is sent): latencies to tens of microseconds, but a wake-up per
+    /// datagram, so the generator saturates at a few tens of thousands of
+    /// datagrams/s (it says so).
+    #[arg(long, value_enum, default_value = "normal")]
+    generator_policy: GeneratorPolicy,
     /// Also measure the baseline: a plain UDP forwarder (`udp-forward`,
     /// what a TURN relay does without encryption) started the way the
     /// relays are, on their CPU. Each publisher gets a third connection,
@@ -225,18 +256,27 @@ impl Launch {
     }
 }
 
+/// The load generator's pacer, under [`GeneratorPolicy::Realtime`]: below
+/// its receivers, above everything else on its CPU.
+const PACER_PRIORITY: &str = "5";
+
+/// Whether this process may start real-time processes.
+fn may_run_realtime() -> bool {
+    Command::new("chrt")
+        .args(["--fifo", REALTIME_PRIORITY, "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Whether the relays run real-time: asked for, and allowed to this
 /// process (says which).
 fn realtime(asked: bool) -> bool {
     if !asked {
         return false;
     }
-    let allowed = Command::new("chrt")
-        .args(["--fifo", REALTIME_PRIORITY, "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let allowed = may_run_realtime();
     if allowed {
         println!("relays under SCHED_FIFO, priority {REALTIME_PRIORITY}");
     } else {
@@ -245,6 +285,40 @@ fn realtime(asked: bool) -> bool {
         );
     }
     allowed
+}
+
+/// Whether the generator's threads run real-time: asked for, and allowed
+/// (says which).
+fn generator_realtime(policy: GeneratorPolicy) -> bool {
+    if policy == GeneratorPolicy::Normal {
+        return false;
+    }
+    let allowed = may_run_realtime();
+    if allowed {
+        println!(
+            "load generator under SCHED_FIFO: receivers priority {REALTIME_PRIORITY}, pacer {PACER_PRIORITY}"
+        );
+    } else {
+        println!(
+            "cannot run the load generator real-time (chrt failed): its latency figures include its own threads' waits for the CPU"
+        );
+    }
+    allowed
+}
+
+/// Puts the calling thread under SCHED_FIFO at `priority` (`chrt` on its
+/// thread id). Best effort: the permission was checked before.
+fn make_thread_realtime(priority: &str) {
+    let Ok(link) = std::fs::read_link("/proc/thread-self") else {
+        return;
+    };
+    let Some(tid) = link.file_name() else { return };
+    let _ = Command::new("chrt")
+        .args(["--fifo", "-p", priority])
+        .arg(tid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// A process this load generator started (a relay, `udp-forward` or
@@ -300,6 +374,27 @@ fn cpu_seconds(pid: &str, ticks: f64) -> anyhow::Result<f64> {
     let utime: f64 = fields[11].parse()?;
     let stime: f64 = fields[12].parse()?;
     Ok((utime + stime) / ticks)
+}
+
+/// CPU time the hypervisor took so far from `cpus` (steal: the eighth
+/// value on their lines of `/proc/stat`), in seconds per CPU.
+fn steal_seconds(cpus: &[u32], ticks: f64) -> anyhow::Result<f64> {
+    cpu_steal(&std::fs::read_to_string("/proc/stat")?, cpus, ticks)
+}
+
+fn cpu_steal(stat: &str, cpus: &[u32], ticks: f64) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for line in stat.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(cpu) = fields.next().and_then(|f| f.strip_prefix("cpu")) else {
+            continue;
+        };
+        if cpu.parse().is_ok_and(|n: u32| cpus.contains(&n)) {
+            let steal = fields.nth(7).context("no steal in /proc/stat")?;
+            sum += steal.parse::<f64>()?;
+        }
+    }
+    Ok(sum / ticks / cpus.len().max(1) as f64)
 }
 
 fn clock_ticks() -> f64 {
@@ -522,10 +617,18 @@ impl Path {
     }
 }
 
-/// Receive side of one path: counts and one-way latencies.
+/// In the added-latency rounds, one datagram in this many is sent on the
+/// direct path too, at the same moment (see [`PairedAdded`]).
+const PAIRED_EVERY: u64 = 8;
+
+/// Receive side of one path: counts and one-way latencies, and when the
+/// datagrams of paired sequence numbers arrived.
 struct Recorder {
     received: AtomicU64,
     histogram: Mutex<Histogram<u64>>,
+    /// Arrival (nanoseconds since the epoch, 0 while not arrived) of
+    /// sequence number `i * PAIRED_EVERY`, at index `i`.
+    arrivals: Mutex<Vec<u64>>,
     recording: AtomicBool,
 }
 
@@ -534,35 +637,56 @@ impl Recorder {
         Ok(Arc::new(Recorder {
             received: AtomicU64::new(0),
             histogram: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            arrivals: Mutex::new(Vec::new()),
             recording: AtomicBool::new(false),
         }))
     }
 
-    /// Records a datagram whose first 8 bytes are its send time.
+    /// Records a datagram whose first 8 bytes are its send time and the
+    /// next 8 its sequence number in the run (see [`pace`]).
     fn record(&self, payload: &[u8], epoch: Instant) {
-        let Some(stamp) = payload.get(..8) else {
+        let now_ns = epoch.elapsed().as_nanos() as u64;
+        let (Some(stamp), Some(seq)) = (payload.get(..8), payload.get(8..16)) else {
             return;
         };
         let sent_ns = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
-        let now_ns = epoch.elapsed().as_nanos() as u64;
-        if self.recording.load(Ordering::Relaxed) {
-            self.received.fetch_add(1, Ordering::Relaxed);
-            let us = now_ns.saturating_sub(sent_ns) / 1000;
-            let _ = self.histogram.lock().unwrap().record(us.max(1));
+        let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let us = now_ns.saturating_sub(sent_ns) / 1000;
+        let _ = self.histogram.lock().unwrap().record(us.max(1));
+        if seq % PAIRED_EVERY == 0
+            && let Some(slot) = self
+                .arrivals
+                .lock()
+                .unwrap()
+                .get_mut((seq / PAIRED_EVERY) as usize)
+            && *slot == 0
+        {
+            *slot = now_ns.max(1);
         }
     }
 
-    fn start(&self) {
+    /// Starts counting, with room for the arrivals of `sent` datagrams'
+    /// paired sequence numbers.
+    fn start(&self, sent: u64) {
         self.received.store(0, Ordering::Relaxed);
         self.histogram.lock().unwrap().reset();
+        let mut arrivals = self.arrivals.lock().unwrap();
+        arrivals.clear();
+        arrivals.resize(sent.div_ceil(PAIRED_EVERY) as usize, 0);
+        drop(arrivals);
         self.recording.store(true, Ordering::Relaxed);
     }
 
-    fn stop(&self) -> (u64, Histogram<u64>) {
+    fn stop(&self) -> (u64, Histogram<u64>, Vec<u64>) {
         self.recording.store(false, Ordering::Relaxed);
         (
             self.received.load(Ordering::Relaxed),
             self.histogram.lock().unwrap().clone(),
+            std::mem::take(&mut *self.arrivals.lock().unwrap()),
         )
     }
 }
@@ -638,7 +762,14 @@ struct Sample {
     /// the path (full receive buffers: the generator did not read fast
     /// enough).
     receive_drops: u64,
+    /// Time the hypervisor took from the relays' CPUs (the baseline's on
+    /// its paths) and from the generator's, seconds per CPU.
+    relay_steal: f64,
+    generator_steal: f64,
     histogram: Histogram<u64>,
+    /// Paired runs: for each datagram sent on the path and the direct path
+    /// at once that arrived on both, path minus direct, nanoseconds.
+    paired_ns: Vec<i64>,
 }
 
 impl Sample {
@@ -651,6 +782,9 @@ impl Sample {
         self.own_cpu += other.own_cpu;
         self.on_wire += other.on_wire;
         self.receive_drops += other.receive_drops;
+        self.relay_steal += other.relay_steal;
+        self.generator_steal += other.generator_steal;
+        self.paired_ns.extend_from_slice(&other.paired_ns);
         self.histogram
             .add(&other.histogram)
             .expect("histograms of the same bounds");
@@ -680,6 +814,8 @@ impl Sample {
             forwarded_per_s: forwarded as f64 / self.send_seconds,
             relay_cores: cpu / self.seconds,
             loadgen_cores: self.own_cpu / self.seconds,
+            relay_cpu_steal: self.relay_steal / self.seconds,
+            generator_cpu_steal: self.generator_steal / self.seconds,
             cpu_s_per_million: if forwarded == 0 {
                 0.0
             } else {
@@ -726,6 +862,11 @@ struct RunResult {
     relay_cores: f64,
     /// The load generator's own CPU seconds per second of run.
     loadgen_cores: f64,
+    /// Share of the run's time the hypervisor took from the relays' CPUs
+    /// (steal): the relays could not run then, whatever they do.
+    relay_cpu_steal: f64,
+    /// The same for the load generator's CPUs.
+    generator_cpu_steal: f64,
     /// Relay CPU seconds per million forwarded datagrams.
     cpu_s_per_million: f64,
     /// Forwarded datagrams per second per core of relay CPU.
@@ -775,19 +916,76 @@ struct Added {
     direct: RunResult,
     added_p50_us: f64,
     added_p99_us: f64,
+    /// The same, datagram by datagram (none when no datagram arrived on
+    /// both paths).
+    paired: Option<PairedAdded>,
 }
 
 impl Added {
-    fn new(rounds: usize, through: RunResult, direct: RunResult) -> Added {
+    fn new(
+        rounds: usize,
+        through: RunResult,
+        direct: RunResult,
+        paired: Option<PairedAdded>,
+    ) -> Added {
         Added {
             offered_rate: through.offered_rate,
             rounds,
             added_p50_us: through.p50_us - direct.p50_us,
             added_p99_us: through.p99_us - direct.p99_us,
+            paired,
             through,
             direct,
         }
     }
+}
+
+/// Latency added datagram by datagram: one datagram in [`PAIRED_EVERY`]
+/// of a path's run is sent on the direct path too, from the same
+/// publisher's endpoint at the same moment, and each pair's arrival times
+/// are subtracted. A stall of the load generator (its sender, its
+/// receivers, its CPU) delays both copies and cancels out, where the
+/// difference of two runs' p99s keeps whichever stalls each run met; what
+/// remains is what the path added, including stalls of the path's own CPU.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct PairedAdded {
+    /// Datagrams that arrived on both paths.
+    samples: usize,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+impl PairedAdded {
+    /// From the per-datagram differences, nanoseconds.
+    fn from_differences(differences: &[i64]) -> Option<PairedAdded> {
+        if differences.is_empty() {
+            return None;
+        }
+        let mut sorted = differences.to_vec();
+        sorted.sort_unstable();
+        let at = |q: f64| {
+            // Nearest rank.
+            let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
+            sorted[rank - 1] as f64 / 1000.0
+        };
+        Some(PairedAdded {
+            samples: sorted.len(),
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: sorted[sorted.len() - 1] as f64 / 1000.0,
+        })
+    }
+}
+
+/// Path minus direct arrival for each paired datagram that arrived on
+/// both, nanoseconds (see [`Recorder`]'s arrivals).
+fn paired_differences(path: &[u64], direct: &[u64]) -> Vec<i64> {
+    path.iter()
+        .zip(direct)
+        .filter(|&(&p, &d)| p != 0 && d != 0)
+        .map(|(&p, &d)| p as i64 - d as i64)
+        .collect()
 }
 
 /// What was measured on one path: the sweep's runs and maximum (with
@@ -803,6 +1001,8 @@ struct Measured {
 struct Report {
     /// Whether the relays (and the baselines) ran under SCHED_FIFO.
     realtime: bool,
+    /// Whether the load generator's threads did.
+    generator_realtime: bool,
     relays: Measured,
     /// The plain UDP forwarder (`--baseline`).
     baseline: Option<Measured>,
@@ -835,6 +1035,11 @@ struct Bench {
     ticks: f64,
     /// CPUs the load generator may use.
     generator_cpus: usize,
+    /// The CPUs the relays and the generator run on (both every CPU when
+    /// not pinned), whose steal is counted.
+    placement: Placement,
+    /// Whether the generator's threads run under SCHED_FIFO.
+    generator_realtime: bool,
 }
 
 fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
@@ -936,7 +1141,8 @@ impl Bench {
         cli: &Cli,
         dir: &std::path::Path,
         launch: &Launch,
-        generator_cpus: usize,
+        placement: Placement,
+        generator_realtime: bool,
     ) -> anyhow::Result<Bench> {
         let relays = start_relays(dir, cli.topology, cli.relay_threads, launch)?;
         let epoch = Instant::now();
@@ -1034,7 +1240,9 @@ impl Bench {
             sink_port: sink_addr.port(),
             baselines,
             ticks: clock_ticks(),
-            generator_cpus,
+            generator_cpus: placement.generator.len().max(1),
+            placement,
+            generator_realtime,
         })
     }
 
@@ -1084,30 +1292,65 @@ impl Bench {
         }
     }
 
-    /// Sends at `rate` datagrams/s on `path` for the configured duration.
-    async fn run(&self, path: Path, rate: u64, duration: Duration) -> anyhow::Result<Sample> {
+    /// Sends at `rate` datagrams/s on `path` for `duration`; `paired`
+    /// sends one datagram in [`PAIRED_EVERY`] on the direct path too (see
+    /// [`PairedAdded`]).
+    async fn run(
+        &self,
+        path: Path,
+        rate: u64,
+        duration: Duration,
+        paired: bool,
+    ) -> anyhow::Result<Sample> {
         let via = self.via(path)?;
         let recorder = match via {
             Via::Relays => &self.relayed,
             Via::Direct => &self.direct,
             Via::Baseline(i) => &self.baselines[i].recorder,
         };
-        recorder.start();
+        let paired = paired && !matches!(via, Via::Direct);
+        let offered = (rate as f64 * duration.as_secs_f64()) as u64;
+        recorder.start(offered);
+        if paired {
+            self.direct.start(offered);
+        }
         let relay_before = self.forwarding_cpu(via)?;
         let own_before = cpu_seconds("self", self.ticks)?;
+        let steal = || -> anyhow::Result<(f64, f64)> {
+            Ok((
+                steal_seconds(&self.placement.relays, self.ticks)?,
+                steal_seconds(&self.placement.generator, self.ticks)?,
+            ))
+        };
+        let steal_before = steal()?;
         let started = Instant::now();
         let senders: Vec<Sender> = self.pairs.iter().map(|p| p.sender(via)).collect();
+        let also_direct: Vec<Sender> = match paired {
+            true => self.pairs.iter().map(|p| p.sender(Via::Direct)).collect(),
+            false => Vec::new(),
+        };
         let on_wire_before = self.on_wire(via);
         let receivers = self.receive_ports(via);
         let drops_before = udp_drops(&receivers)?;
         let (epoch, size) = (self.epoch, self.size);
-        let sent = tokio::task::spawn_blocking(move || pace(&senders, rate, duration, size, epoch))
-            .await?;
+        let realtime = self.generator_realtime;
+        let sent = tokio::task::spawn_blocking(move || {
+            if realtime {
+                make_thread_realtime(PACER_PRIORITY);
+            }
+            pace(&senders, &also_direct, rate, duration, size, epoch)
+        })
+        .await?;
         let send_seconds = started.elapsed().as_secs_f64();
         // Let the tail arrive.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (received, histogram) = recorder.stop();
+        let (received, histogram, arrivals) = recorder.stop();
+        let paired_ns = match paired {
+            true => paired_differences(&arrivals, &self.direct.stop().2),
+            false => Vec::new(),
+        };
         let seconds = started.elapsed().as_secs_f64();
+        let steal_after = steal()?;
         Ok(Sample {
             path,
             rate,
@@ -1120,7 +1363,10 @@ impl Bench {
             on_wire: self.on_wire(via) - on_wire_before,
             // Saturating: a socket that closed takes its count with it.
             receive_drops: udp_drops(&receivers)?.saturating_sub(drops_before),
+            relay_steal: steal_after.0 - steal_before.0,
+            generator_steal: steal_after.1 - steal_before.1,
             histogram,
+            paired_ns,
         })
     }
 
@@ -1164,12 +1410,13 @@ impl Bench {
         let mut best = None;
         let mut retried = false;
         loop {
-            let mut r = self.result(&self.run(path, rate, self.duration).await?);
+            let mut r = self.result(&self.run(path, rate, self.duration, false).await?);
             print(&r);
             if r.keeps_up_but_for_stalls() && r.p99_us >= SATURATED_P99_US {
                 // Stalls of the path, or of the host? The direct path has
                 // no relay to stall.
-                let direct = self.result(&self.run(Path::Direct, rate, self.duration).await?);
+                let direct =
+                    self.result(&self.run(Path::Direct, rate, self.duration, false).await?);
                 print(&direct);
                 r.direct_p99_us = Some(direct.p99_us);
                 if r.keeps_up() {
@@ -1228,23 +1475,26 @@ impl Bench {
         Ok(measured)
     }
 
-    /// Interleaved rounds of the direct path and `path` at one rate.
+    /// Interleaved rounds of the direct path and `path` at one rate; the
+    /// path's rounds are paired.
     async fn added(&self, path: Path, rate: u64, rounds: usize) -> anyhow::Result<Added> {
         let mut through: Option<Sample> = None;
         let mut direct: Option<Sample> = None;
         for _ in 0..rounds.max(1) {
             for (path, acc) in [(Path::Direct, &mut direct), (path, &mut through)] {
-                let s = self.run(path, rate, self.duration).await?;
+                let s = self.run(path, rate, self.duration, true).await?;
                 match acc {
                     Some(a) => a.merge(&s),
                     None => *acc = Some(s),
                 }
             }
         }
+        let through = through.expect("one round");
         Ok(Added::new(
             rounds.max(1),
-            self.result(&through.expect("one round")),
+            self.result(&through),
             self.result(&direct.expect("one round")),
+            PairedAdded::from_differences(&through.paired_ns),
         ))
     }
 }
@@ -1258,12 +1508,32 @@ enum Sender {
 /// How far ahead of its schedule the pacer may run before it sleeps.
 const PACE_SLACK: Duration = Duration::from_micros(200);
 
+impl Sender {
+    fn send(&self, payload: &[u8]) -> bool {
+        match self {
+            Sender::Relayed(publisher, channel) => publisher.publish(*channel, payload).is_ok(),
+            Sender::Direct(conn) => conn.send_datagram(Bytes::copy_from_slice(payload)).is_ok(),
+        }
+    }
+}
+
 /// Sends `rate` datagrams/s for `duration`, spread evenly in time and over
 /// the publishers in turn, as independent clients would (a pacer sleeps
 /// whenever it is ahead of schedule by more than [`PACE_SLACK`], so bursts
-/// stay within a fraction of a millisecond). Returns how many were sent.
-fn pace(senders: &[Sender], rate: u64, duration: Duration, size: usize, epoch: Instant) -> u64 {
-    let mut payload = vec![0u8; size.max(8)];
+/// stay within a fraction of a millisecond). Each payload starts with its
+/// send time and its sequence number. When `also` has a sender per
+/// publisher, every [`PAIRED_EVERY`]th datagram is sent on it too, right
+/// before or after (in turn, so that neither copy has the head start).
+/// Returns how many were sent on `senders`.
+fn pace(
+    senders: &[Sender],
+    also: &[Sender],
+    rate: u64,
+    duration: Duration,
+    size: usize,
+    epoch: Instant,
+) -> u64 {
+    let mut payload = vec![0u8; size.max(16)];
     let started = Instant::now();
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
     let mut sent = 0;
@@ -1275,11 +1545,17 @@ fn pace(senders: &[Sender], rate: u64, duration: Duration, size: usize, epoch: I
         }
         let stamp = epoch.elapsed().as_nanos() as u64;
         payload[..8].copy_from_slice(&stamp.to_be_bytes());
-        let ok = match &senders[k as usize % senders.len()] {
-            Sender::Relayed(publisher, channel) => publisher.publish(*channel, &payload).is_ok(),
-            Sender::Direct(conn) => conn.send_datagram(Bytes::copy_from_slice(&payload)).is_ok(),
-        };
-        sent += u64::from(ok);
+        payload[8..16].copy_from_slice(&k.to_be_bytes());
+        let publisher = k as usize % senders.len();
+        let also = also.get(publisher).filter(|_| k % PAIRED_EVERY == 0);
+        let also_first = (k / PAIRED_EVERY) % 2 == 1;
+        if let Some(a) = also.filter(|_| also_first) {
+            a.send(&payload);
+        }
+        sent += u64::from(senders[publisher].send(&payload));
+        if let Some(a) = also.filter(|_| !also_first) {
+            a.send(&payload);
+        }
     }
     sent
 }
@@ -1287,7 +1563,8 @@ fn pace(senders: &[Sender], rate: u64, duration: Duration, size: usize, epoch: I
 fn print(r: &RunResult) {
     println!(
         "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} % (generator: {} unsent, {} packets dropped on receipt)  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
-         {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us  (load generator {:.2} cores)",
+         {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us  (load generator {:.2} cores)  \
+         steal {:.1} % of the relays' CPU, {:.1} % of the generator's",
         r.path,
         r.offered_rate,
         r.sent,
@@ -1304,6 +1581,8 @@ fn print(r: &RunResult) {
         r.p99_us,
         r.max_us,
         r.loadgen_cores,
+        100.0 * r.relay_cpu_steal,
+        100.0 * r.generator_cpu_steal,
     );
 }
 
@@ -1314,9 +1593,15 @@ fn print_added(a: &Added, by: &str) {
         "added by {by} at {}/s ({} interleaved rounds, minus direct): p50 {:.0} us, p99 {:.0} us",
         a.offered_rate, a.rounds, a.added_p50_us, a.added_p99_us
     );
+    if let Some(p) = &a.paired {
+        println!(
+            "added by {by} at {}/s, paired (1 in {PAIRED_EVERY} datagrams also sent direct at the same moment, {} arrived both ways): p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+            a.offered_rate, p.samples, p.p50_us, p.p99_us, p.max_us
+        );
+    }
     if a.direct.p99_us > HOST_NOISE_P99_US {
         println!(
-            "warning: the direct path's own p99 is {:.0} us: the host's stalls dominate this run's tail, and an added p99 under 1 ms cannot be judged from it",
+            "warning: the direct path's own p99 is {:.0} us: the host's stalls dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes the load generator's stalls out)",
             a.direct.p99_us
         );
     }
@@ -1349,19 +1634,28 @@ fn compare(relays: &Measured, baselines: &[(Path, String, Measured)]) {
         }
     }
     let Some(a) = &relays.added else { return };
+    let paired = |a: &Added| match &a.paired {
+        Some(p) => format!("; paired p50 {:.0} us, p99 {:.0} us", p.p50_us, p.p99_us),
+        None => String::new(),
+    };
     println!(
-        "  at {}/s: relays {:.2} CPU-s per million, added p50 {:.0} us, p99 {:.0} us",
-        a.offered_rate, a.through.cpu_s_per_million, a.added_p50_us, a.added_p99_us,
+        "  at {}/s: relays {:.2} CPU-s per million, added p50 {:.0} us, p99 {:.0} us{}",
+        a.offered_rate,
+        a.through.cpu_s_per_million,
+        a.added_p50_us,
+        a.added_p99_us,
+        paired(a),
     );
     for (_, name, m) in baselines {
         if let Some(b) = &m.added {
             println!(
-                "  at {}/s: {name} {:.2} CPU-s per million (relays {:.1}x), added p50 {:.0} us, p99 {:.0} us",
+                "  at {}/s: {name} {:.2} CPU-s per million (relays {:.1}x), added p50 {:.0} us, p99 {:.0} us{}",
                 b.offered_rate,
                 b.through.cpu_s_per_million,
                 a.through.cpu_s_per_million / b.through.cpu_s_per_million,
                 b.added_p50_us,
                 b.added_p99_us,
+                paired(b),
             );
         }
     }
@@ -1394,24 +1688,35 @@ fn main() -> anyhow::Result<()> {
             }
         }
     };
-    // One worker per CPU of the generator's own: more threads than CPUs
-    // would take turns in scheduler slices of milliseconds.
-    let generator_cpus = match &placement {
-        Some(p) => p.generator.len(),
-        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
-    };
     let realtime = realtime(cli.realtime);
     let launch = Launch {
         cpus: placement.as_ref().map(|p| join_cpus(&p.relays)),
         realtime,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(generator_cpus)
-        .enable_all()
-        .build()?;
+    // Unpinned, everything may run everywhere.
+    let placement = placement.unwrap_or_else(|| {
+        let all = allowed_cpus().unwrap_or_else(|_| {
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+            (0..n as u32).collect()
+        });
+        Placement {
+            relays: all.clone(),
+            generator: all,
+        }
+    });
+    // One worker per CPU of the generator's own: more threads than CPUs
+    // would take turns in scheduler slices of milliseconds.
+    let generator_cpus = placement.generator.len().max(1);
+    let generator_realtime = generator_realtime(cli.generator_policy);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.worker_threads(generator_cpus).enable_all();
+    if generator_realtime {
+        rt.on_thread_start(|| make_thread_realtime(REALTIME_PRIORITY));
+    }
+    let rt = rt.build()?;
     rt.block_on(async {
         let dir = tempdir()?;
-        let bench = Bench::setup(&cli, &dir, &launch, generator_cpus).await?;
+        let bench = Bench::setup(&cli, &dir, &launch, placement, generator_realtime).await?;
         // Interest propagates between chained relays.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Warm up every path.
@@ -1419,7 +1724,7 @@ fn main() -> anyhow::Result<()> {
         paths.extend(bench.baselines.iter().map(|b| b.path));
         for path in paths {
             bench
-                .run(path, cli.rate.min(5000), Duration::from_secs(1))
+                .run(path, cli.rate.min(5000), Duration::from_secs(1), false)
                 .await?;
         }
         let by = format!("{} relay(s)", bench.relays.len());
@@ -1442,6 +1747,7 @@ fn main() -> anyhow::Result<()> {
         };
         let report = Report {
             realtime,
+            generator_realtime,
             relays,
             baseline: take(Path::Forwarded),
             coturn: take(Path::Turned),
@@ -1485,8 +1791,41 @@ mod tests {
             own_cpu: 0.25,
             on_wire: sent,
             receive_drops: 0,
+            relay_steal: 0.05,
+            generator_steal: 0.0,
             histogram,
+            paired_ns: Vec::new(),
         }
+    }
+
+    /// A PKI, a sink recording into a new recorder (times since `epoch`),
+    /// and a client config for it.
+    fn sink(
+        dir: &std::path::Path,
+        epoch: Instant,
+    ) -> (Arc<Recorder>, std::net::SocketAddr, quinn::ClientConfig) {
+        if !dir.join("pki/ca.pem").exists() {
+            init_dev_pki(
+                &dir.join("pki"),
+                &[Node::Relay(1)],
+                &default_cluster_domain(),
+                &[],
+            )
+            .unwrap();
+        }
+        let recorder = Recorder::new().unwrap();
+        let sink = start_sink(dir, recorder.clone(), epoch)
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config =
+            quic_client_with_roots(Arc::new(roots), DIRECT_ALPN, Arc::new(media_transport()))
+                .unwrap();
+        (recorder, sink, config)
     }
 
     /// The coturn path's plumbing, against a TURN server of the test's:
@@ -1495,26 +1834,9 @@ mod tests {
     #[tokio::test]
     async fn a_quic_connection_crosses_a_turn_channel() {
         let dir = tempfile::tempdir().unwrap();
-        init_dev_pki(
-            &dir.path().join("pki"),
-            &[Node::Relay(1)],
-            &default_cluster_domain(),
-            &[],
-        )
-        .unwrap();
-        let (recorder, epoch) = (Recorder::new().unwrap(), Instant::now());
-        let sink = start_sink(dir.path(), recorder.clone(), epoch)
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let epoch = Instant::now();
+        let (recorder, sink, config) = sink(dir.path(), epoch);
         let (server, _) = turn::tests::tiny_turn_server(false).await;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(dir.path().join("pki/ca.pem")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let config =
-            quic_client_with_roots(Arc::new(roots), DIRECT_ALPN, Arc::new(media_transport()))
-                .unwrap();
         let connection = turn_endpoint(server, sink)
             .await
             .unwrap()
@@ -1522,14 +1844,131 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
-        recorder.start();
+        recorder.start(100);
         let sender = [Sender::Direct(connection)];
-        let sent = pace(&sender, 1000, Duration::from_millis(100), 200, epoch);
+        let sent = pace(&sender, &[], 1000, Duration::from_millis(100), 200, epoch);
         let deadline = Instant::now() + Duration::from_secs(5);
         while recorder.received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!((sent, recorder.stop().0), (100, 100));
+    }
+
+    /// Paired sending: every 8th datagram goes both ways, each recorder
+    /// notes when its copy arrived, and the differences pair them up.
+    #[tokio::test]
+    async fn paired_datagrams_go_both_ways_and_are_matched() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = Instant::now();
+        let (path, path_sink, config) = sink(dir.path(), epoch);
+        let (direct, direct_sink, _) = sink(dir.path(), epoch);
+        let endpoint = client_endpoint().unwrap();
+        let connect = async |to| {
+            endpoint
+                .connect_with(config.clone(), to, "localhost")
+                .unwrap()
+                .await
+                .unwrap()
+        };
+        let (to_path, to_direct) = (connect(path_sink).await, connect(direct_sink).await);
+        path.start(100);
+        direct.start(100);
+        // The senders are clones: the last handle's drop closes a connection.
+        let sent = pace(
+            &[Sender::Direct(to_path.clone())],
+            &[Sender::Direct(to_direct.clone())],
+            1000,
+            Duration::from_millis(100),
+            200,
+            epoch,
+        );
+        assert_eq!(sent, 100);
+        // Sequence numbers 0, 8, ..., 96 were sent on the direct path too.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (
+            path.received.load(Ordering::Relaxed),
+            direct.received.load(Ordering::Relaxed),
+        ) != (100, 13)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (path_received, _, path_arrivals) = path.stop();
+        let (direct_received, _, direct_arrivals) = direct.stop();
+        assert_eq!((path_received, direct_received), (100, 13));
+        assert_eq!(path_arrivals.len(), 13);
+        assert!(path_arrivals.iter().chain(&direct_arrivals).all(|&t| t > 0));
+        let differences = paired_differences(&path_arrivals, &direct_arrivals);
+        assert_eq!(differences.len(), 13);
+        // Same host, same moment: the copies arrive within a second.
+        assert!(
+            differences.iter().all(|d| d.abs() < 1_000_000_000),
+            "{differences:?}"
+        );
+    }
+
+    #[test]
+    fn paired_figures_are_percentiles_of_the_differences() {
+        // Arrivals in ns; 0 is "never arrived", on either side.
+        let path = [5_000, 0, 7_000, 9_000, 3_000];
+        let direct = [1_000, 2_000, 0, 10_000, 2_000];
+        assert_eq!(
+            paired_differences(&path, &direct),
+            vec![4_000, -1_000, 1_000]
+        );
+        let p = PairedAdded::from_differences(&[4_000, -1_000, 1_000]).unwrap();
+        assert_eq!(
+            p,
+            PairedAdded {
+                samples: 3,
+                p50_us: 1.0,
+                p99_us: 4.0,
+                max_us: 4.0
+            }
+        );
+        // 1000 differences of 100 us, 20 of 5 ms: the p99 is 5 ms.
+        let mut d = vec![100_000i64; 980];
+        d.extend([5_000_000; 20]);
+        let p = PairedAdded::from_differences(&d).unwrap();
+        assert_eq!((p.p50_us, p.p99_us, p.samples), (100.0, 5000.0, 1000));
+        assert_eq!(PairedAdded::from_differences(&[]), None);
+    }
+
+    #[test]
+    fn a_recorder_notes_the_first_arrival_of_paired_numbers() {
+        let recorder = Recorder::new().unwrap();
+        let epoch = Instant::now();
+        recorder.start(20);
+        let payload = |seq: u64| {
+            let mut p = vec![0u8; 200];
+            p[8..16].copy_from_slice(&seq.to_be_bytes());
+            p
+        };
+        for seq in [0, 3, 8, 16, 8, 99] {
+            recorder.record(&payload(seq), epoch);
+        }
+        // Too short for a sequence number: not counted.
+        recorder.record(&[0u8; 12], epoch);
+        let (received, _, arrivals) = recorder.stop();
+        assert_eq!(received, 6);
+        assert_eq!(arrivals.len(), 3, "sequence numbers 0, 8 and 16");
+        assert!(arrivals.iter().all(|&t| t > 0));
+        assert!(arrivals[1] <= arrivals[2], "the first copy of 8 counts");
+    }
+
+    #[test]
+    fn steal_is_read_per_cpu_from_proc_stat() {
+        let stat = "cpu  100 0 50 900 0 0 0 30 0 0\n\
+                    cpu0 50 0 25 450 0 0 0 10 0 0\n\
+                    cpu1 50 0 25 450 0 0 0 20 0 0\n\
+                    intr 12345\n";
+        assert_eq!(cpu_steal(stat, &[1], 100.0).unwrap(), 0.2);
+        // Averaged over the CPUs asked for.
+        assert!((cpu_steal(stat, &[0, 1], 100.0).unwrap() - 0.15).abs() < 1e-12);
+        assert!(
+            cpu_steal("cpu0 1 2 3\n", &[0], 100.0).is_err(),
+            "no steal column"
+        );
     }
 
     #[test]
@@ -1568,7 +2007,7 @@ mod tests {
         let mut relayed: Vec<u64> = vec![300; 98];
         relayed.extend([5000, 5000]);
         let relayed = sample(Path::Relayed, &relayed, 100).result(Topology::Single, 1);
-        let a = Added::new(3, relayed, direct);
+        let a = Added::new(3, relayed, direct, None);
         assert_eq!(a.added_p50_us, 200.0);
         // Within the histogram's precision (3 significant digits).
         assert!((a.added_p99_us - 4900.0).abs() <= 5.0, "{}", a.added_p99_us);
