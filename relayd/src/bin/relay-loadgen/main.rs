@@ -885,9 +885,10 @@ impl RunResult {
     /// Whether the path kept up with the offered rate: no loss, the
     /// generator sent what it offered, and neither a standing queue nor
     /// long stalls (deep socket buffers turn overload into delay before
-    /// loss). When the direct path stalled too at the same rate, the
-    /// host's stalls are taken out: what the path adds to the p99 must stay
-    /// under the bound (a relay that drains a backlog slowly still fails).
+    /// loss). When the direct path stalled too at the same rate, stalls
+    /// outside the path (the generator's scheduling, the host's) are taken
+    /// out: what the path adds to the p99 must stay under the bound (a
+    /// relay that drains a backlog slowly still fails).
     fn keeps_up(&self) -> bool {
         self.keeps_up_but_for_stalls()
             && (self.p99_us < SATURATED_P99_US
@@ -1421,7 +1422,7 @@ impl Bench {
                 r.direct_p99_us = Some(direct.p99_us);
                 if r.keeps_up() {
                     println!(
-                        "the direct path's p99 at this rate was {:.0} us, and this path added under {} ms to it: the host's stalls, counted as kept up",
+                        "the direct path's p99 at this rate was {:.0} us, and this path added under {} ms to it: stalls outside the path (the generator's or the host's), counted as kept up",
                         direct.p99_us,
                         SATURATED_P99_US / 1000.0
                     );
@@ -1601,7 +1602,7 @@ fn print_added(a: &Added, by: &str) {
     }
     if a.direct.p99_us > HOST_NOISE_P99_US {
         println!(
-            "warning: the direct path's own p99 is {:.0} us: the host's stalls dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes the load generator's stalls out)",
+            "warning: the direct path's own p99 is {:.0} us: stalls outside the path (the generator's own scheduling, or the host's) dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes out most of the generator's; --generator-policy realtime takes them out at rates it can drive)",
             a.direct.p99_us
         );
     }
