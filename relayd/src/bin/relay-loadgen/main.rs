@@ -1600,6 +1600,12 @@ fn print_added(a: &Added, by: &str) {
             a.offered_rate, p.samples, p.p50_us, p.p99_us, p.max_us
         );
     }
+    if a.through.relay_cpu_steal > HOST_NOISE_STEAL {
+        println!(
+            "warning: the hypervisor took {:.1} % of the relays' CPU time during these rounds: stalls of theirs that no process on that CPU can avoid are in this tail",
+            100.0 * a.through.relay_cpu_steal
+        );
+    }
     if a.direct.p99_us > HOST_NOISE_P99_US {
         println!(
             "warning: the direct path's own p99 is {:.0} us: stalls outside the path (the generator's own scheduling, or the host's) dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes out most of the generator's; --generator-policy realtime takes them out at rates it can drive)",
@@ -1607,6 +1613,12 @@ fn print_added(a: &Added, by: &str) {
         );
     }
 }
+
+/// A share of the relays' CPU time taken by the hypervisor above this
+/// (1 %) comes in stalls of milliseconds, enough to set a p99: runs with
+/// 3-4 % steal had p99s of 1-18 ms where the same paths' other runs had
+/// 0.2 ms.
+const HOST_NOISE_STEAL: f64 = 0.01;
 
 /// A direct-path p99 above this (loopback, no relay) means the host
 /// stalls the generator or its sink for longer than the added-latency
