@@ -16,8 +16,9 @@
 //!   and at p99. And paired: in the relayed rounds one datagram in
 //!   [`PAIRED_EVERY`] is also sent on the direct connection at the same
 //!   moment, and the percentiles of the per-datagram difference are the
-//!   latency the relays added to those datagrams, with the load
-//!   generator's own stalls (which delay both copies) taken out.
+//!   latency the relays added to those datagrams, with part of the load
+//!   generator's own stalls (those that delay both copies alike) taken
+//!   out.
 //!
 //! `--sweep` raises the rate until loss appears or the relay cannot keep
 //! up, then measures the added latency at half of that maximum.
@@ -260,49 +261,19 @@ impl Launch {
 /// its receivers, above everything else on its CPU.
 const PACER_PRIORITY: &str = "5";
 
-/// Whether this process may start real-time processes.
-fn may_run_realtime() -> bool {
-    Command::new("chrt")
+/// Whether real-time scheduling, when `asked` for, is allowed to this
+/// process (`chrt` succeeds: root or CAP_SYS_NICE); says which.
+fn realtime_if_allowed(asked: bool, granted: &str, refused: &str) -> bool {
+    if !asked {
+        return false;
+    }
+    let allowed = Command::new("chrt")
         .args(["--fifo", REALTIME_PRIORITY, "true"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whether the relays run real-time: asked for, and allowed to this
-/// process (says which).
-fn realtime(asked: bool) -> bool {
-    if !asked {
-        return false;
-    }
-    let allowed = may_run_realtime();
-    if allowed {
-        println!("relays under SCHED_FIFO, priority {REALTIME_PRIORITY}");
-    } else {
-        println!(
-            "cannot run the relays real-time (chrt failed: no root or CAP_SYS_NICE?): normal scheduling"
-        );
-    }
-    allowed
-}
-
-/// Whether the generator's threads run real-time: asked for, and allowed
-/// (says which).
-fn generator_realtime(policy: GeneratorPolicy) -> bool {
-    if policy == GeneratorPolicy::Normal {
-        return false;
-    }
-    let allowed = may_run_realtime();
-    if allowed {
-        println!(
-            "load generator under SCHED_FIFO: receivers priority {REALTIME_PRIORITY}, pacer {PACER_PRIORITY}"
-        );
-    } else {
-        println!(
-            "cannot run the load generator real-time (chrt failed): its latency figures include its own threads' waits for the CPU"
-        );
-    }
+        .is_ok_and(|s| s.success());
+    println!("{}", if allowed { granted } else { refused });
     allowed
 }
 
@@ -378,10 +349,6 @@ fn cpu_seconds(pid: &str, ticks: f64) -> anyhow::Result<f64> {
 
 /// CPU time the hypervisor took so far from `cpus` (steal: the eighth
 /// value on their lines of `/proc/stat`), in seconds per CPU.
-fn steal_seconds(cpus: &[u32], ticks: f64) -> anyhow::Result<f64> {
-    cpu_steal(&std::fs::read_to_string("/proc/stat")?, cpus, ticks)
-}
-
 fn cpu_steal(stat: &str, cpus: &[u32], ticks: f64) -> anyhow::Result<f64> {
     let mut sum = 0.0;
     for line in stat.lines() {
@@ -669,8 +636,9 @@ impl Recorder {
         }
     }
 
-    /// Starts counting, with room for the arrivals of `sent` datagrams'
-    /// paired sequence numbers.
+    /// Starts counting, with room for the arrivals of the paired sequence
+    /// numbers among `sent` datagrams (none when `sent` is 0: an unpaired
+    /// run).
     fn start(&self, sent: u64) {
         self.received.store(0, Ordering::Relaxed);
         self.histogram.lock().unwrap().reset();
@@ -944,10 +912,13 @@ impl Added {
 /// Latency added datagram by datagram: one datagram in [`PAIRED_EVERY`]
 /// of a path's run is sent on the direct path too, from the same
 /// publisher's endpoint at the same moment, and each pair's arrival times
-/// are subtracted. A stall of the load generator (its sender, its
-/// receivers, its CPU) delays both copies and cancels out, where the
-/// difference of two runs' p99s keeps whichever stalls each run met; what
-/// remains is what the path added, including stalls of the path's own CPU.
+/// are subtracted. A stall of the load generator delays both copies,
+/// and that part cancels out, where the difference of two runs' p99s keeps
+/// whichever stalls each run met. Only part: the copies arrive at
+/// different sockets, read by different tasks, and after a stall the
+/// generator drains them in its own order, so under the normal-policy
+/// generator at high rates this p99 is as noisy as the other. What remains
+/// is what the path added, including stalls of the path's own CPU.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 struct PairedAdded {
     /// Datagrams that arrived on both paths.
@@ -1034,8 +1005,6 @@ struct Bench {
     /// The plain forwarder and coturn, as asked for.
     baselines: Vec<Baseline>,
     ticks: f64,
-    /// CPUs the load generator may use.
-    generator_cpus: usize,
     /// The CPUs the relays and the generator run on (both every CPU when
     /// not pinned), whose steal is counted.
     placement: Placement,
@@ -1137,6 +1106,16 @@ fn start_sink(
 
 const DIRECT_ALPN: &[u8] = b"relay-loadgen-direct";
 
+/// The run's cluster CA, which the relays' and the sinks' certificates
+/// chain to.
+fn cluster_roots(dir: &std::path::Path) -> anyhow::Result<Arc<rustls::RootCertStore>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem"))? {
+        roots.add(c?)?;
+    }
+    Ok(Arc::new(roots))
+}
+
 impl Bench {
     async fn setup(
         cli: &Cli,
@@ -1170,11 +1149,7 @@ impl Bench {
             });
         }
 
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem"))? {
-            roots.add(c?)?;
-        }
-        let roots = Arc::new(roots);
+        let roots = cluster_roots(dir)?;
         let config = client_config(roots.clone())?;
         let direct_config =
             quic_client_with_roots(roots, DIRECT_ALPN, Arc::new(media_transport()))?;
@@ -1241,7 +1216,6 @@ impl Bench {
             sink_port: sink_addr.port(),
             baselines,
             ticks: clock_ticks(),
-            generator_cpus: placement.generator.len().max(1),
             placement,
             generator_realtime,
         })
@@ -1274,6 +1248,16 @@ impl Bench {
             sum += cpu_seconds(&r.child.id().to_string(), self.ticks)?;
         }
         Ok(sum)
+    }
+
+    /// Seconds per CPU the hypervisor has taken so far from the relays'
+    /// CPUs and from the generator's (one read of `/proc/stat`).
+    fn steal(&self) -> anyhow::Result<(f64, f64)> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        Ok((
+            cpu_steal(&stat, &self.placement.relays, self.ticks)?,
+            cpu_steal(&stat, &self.placement.generator, self.ticks)?,
+        ))
     }
 
     /// DATAGRAM frames the publishers have sent so far on `via`.
@@ -1310,20 +1294,18 @@ impl Bench {
             Via::Baseline(i) => &self.baselines[i].recorder,
         };
         let paired = paired && !matches!(via, Via::Direct);
-        let offered = (rate as f64 * duration.as_secs_f64()) as u64;
-        recorder.start(offered);
+        // Arrival slots only where they are paired.
+        let paired_slots = match paired {
+            true => (rate as f64 * duration.as_secs_f64()) as u64,
+            false => 0,
+        };
+        recorder.start(paired_slots);
         if paired {
-            self.direct.start(offered);
+            self.direct.start(paired_slots);
         }
         let relay_before = self.forwarding_cpu(via)?;
         let own_before = cpu_seconds("self", self.ticks)?;
-        let steal = || -> anyhow::Result<(f64, f64)> {
-            Ok((
-                steal_seconds(&self.placement.relays, self.ticks)?,
-                steal_seconds(&self.placement.generator, self.ticks)?,
-            ))
-        };
-        let steal_before = steal()?;
+        let steal_before = self.steal()?;
         let started = Instant::now();
         let senders: Vec<Sender> = self.pairs.iter().map(|p| p.sender(via)).collect();
         let also_direct: Vec<Sender> = match paired {
@@ -1351,7 +1333,7 @@ impl Bench {
             false => Vec::new(),
         };
         let seconds = started.elapsed().as_secs_f64();
-        let steal_after = steal()?;
+        let steal_after = self.steal()?;
         Ok(Sample {
             path,
             rate,
@@ -1379,11 +1361,12 @@ impl Bench {
     /// datagrams it offered before sending them: then it, not the relay,
     /// may set the figures.
     fn generator_saturated(&self, r: &RunResult) -> bool {
-        let busy = r.loadgen_cores >= 0.9 * self.generator_cpus as f64;
+        let generator_cpus = self.placement.generator.len().max(1);
+        let busy = r.loadgen_cores >= 0.9 * generator_cpus as f64;
         if busy {
             println!(
                 "warning: the load generator used {:.2} of its {} CPU(s): it may be what limits this run",
-                r.loadgen_cores, self.generator_cpus
+                r.loadgen_cores, generator_cpus
             );
         }
         let dropping = r.generator_dropped as f64 > 0.001 * r.sent as f64;
@@ -1608,7 +1591,7 @@ fn print_added(a: &Added, by: &str) {
     }
     if a.direct.p99_us > HOST_NOISE_P99_US {
         println!(
-            "warning: the direct path's own p99 is {:.0} us: stalls outside the path (the generator's own scheduling, or the host's) dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes out most of the generator's; --generator-policy realtime takes them out at rates it can drive)",
+            "warning: the direct path's own p99 is {:.0} us: stalls outside the path (the generator's own scheduling, or the host's) dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes out part of the generator's; --generator-policy realtime takes them out at rates it can drive)",
             a.direct.p99_us
         );
     }
@@ -1701,7 +1684,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
     };
-    let realtime = realtime(cli.realtime);
+    let realtime = realtime_if_allowed(
+        cli.realtime,
+        &format!("relays under SCHED_FIFO, priority {REALTIME_PRIORITY}"),
+        "cannot run the relays real-time (chrt failed: no root or CAP_SYS_NICE?): normal scheduling",
+    );
     let launch = Launch {
         cpus: placement.as_ref().map(|p| join_cpus(&p.relays)),
         realtime,
@@ -1720,7 +1707,13 @@ fn main() -> anyhow::Result<()> {
     // One worker per CPU of the generator's own: more threads than CPUs
     // would take turns in scheduler slices of milliseconds.
     let generator_cpus = placement.generator.len().max(1);
-    let generator_realtime = generator_realtime(cli.generator_policy);
+    let generator_realtime = realtime_if_allowed(
+        cli.generator_policy == GeneratorPolicy::Realtime,
+        &format!(
+            "load generator under SCHED_FIFO: receivers priority {REALTIME_PRIORITY}, pacer {PACER_PRIORITY}"
+        ),
+        "cannot run the load generator real-time (chrt failed): its latency figures include its own threads' waits for the CPU",
+    );
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.worker_threads(generator_cpus).enable_all();
     if generator_realtime {
@@ -1831,13 +1824,12 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(dir.join("pki/ca.pem")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let config =
-            quic_client_with_roots(Arc::new(roots), DIRECT_ALPN, Arc::new(media_transport()))
-                .unwrap();
+        let config = quic_client_with_roots(
+            cluster_roots(dir).unwrap(),
+            DIRECT_ALPN,
+            Arc::new(media_transport()),
+        )
+        .unwrap();
         (recorder, sink, config)
     }
 
@@ -1995,6 +1987,7 @@ mod tests {
         assert_eq!(r.forwarded_per_s, 1980.0, "each datagram forwarded twice");
         assert_eq!(r.relay_cores, 0.4);
         assert_eq!(r.loadgen_cores, 0.2);
+        assert_eq!(r.relay_cpu_steal, 0.04, "0.05 s stolen in 1.25 s");
         assert_eq!(r.per_core, 3960.0);
         assert!((r.cpu_s_per_million - 0.5 / 1980.0 * 1e6).abs() < 1e-6);
         // The plain forwarder forwards each datagram once.
