@@ -9,12 +9,18 @@
 //! relay process can do per datagram on this host, so its latency and CPU
 //! figures are the floor for any relay on the same CPU.
 //!
+//! `--listen` and `--upstream` may be repeated, in pairs: each listening
+//! address forwards to its upstream, all served by the one thread (the load
+//! generator sends its latency probes through a route of their own to a
+//! sink of their own).
+//!
 //! ```text
 //! udp-forward --listen 127.0.0.1:4000 --upstream 127.0.0.1:5000
 //! ```
 //!
-//! It prints the address it listens on, one line on standard output, once
-//! bound (so `--listen 127.0.0.1:0` lets the system choose a free port).
+//! It prints the addresses it listens on, one line each on standard
+//! output in the order given, once bound (so `--listen 127.0.0.1:0` lets
+//! the system choose a free port).
 #![allow(clippy::disallowed_methods)] // a benchmark tool
 
 use std::collections::HashMap;
@@ -28,16 +34,34 @@ use tokio::net::UdpSocket;
 #[derive(Parser)]
 #[command(about = "Plain UDP forwarder: the baseline for relay-loadgen --baseline")]
 struct Cli {
-    /// Address clients send to.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// Where their datagrams go.
-    #[arg(long)]
-    upstream: SocketAddr,
-    /// Most clients served at once; datagrams from further addresses are
-    /// dropped.
+    /// Address clients send to (repeatable: one per route).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// Where the datagrams sent to the `--listen` of the same place go.
+    #[arg(long, required = true)]
+    upstream: Vec<SocketAddr>,
+    /// Most clients served at once per route; datagrams from further
+    /// addresses are dropped.
     #[arg(long, default_value_t = 4096)]
     max_clients: usize,
+}
+
+impl Cli {
+    /// Each `--listen` with the `--upstream` given in the same place.
+    fn routes(&self) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
+        anyhow::ensure!(
+            self.listen.len() == self.upstream.len(),
+            "{} --listen but {} --upstream: give them in pairs",
+            self.listen.len(),
+            self.upstream.len()
+        );
+        Ok(self
+            .listen
+            .iter()
+            .copied()
+            .zip(self.upstream.iter().copied())
+            .collect())
+    }
 }
 
 /// Large enough for any UDP datagram.
@@ -94,14 +118,23 @@ async fn serve(listen: UdpSocket, upstream: SocketAddr, max_clients: usize) -> a
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let routes = cli.routes()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
     rt.block_on(async {
-        let listen = udp_socket(cli.listen)?;
-        // The bound address, for whoever started us with port 0.
-        println!("{}", listen.local_addr()?);
-        serve(listen, cli.upstream, cli.max_clients).await
+        let mut serving = tokio::task::JoinSet::new();
+        for (listen, upstream) in routes {
+            let listen = udp_socket(listen)?;
+            // The bound address, for whoever started us with port 0.
+            println!("{}", listen.local_addr()?);
+            serving.spawn(serve(listen, upstream, cli.max_clients));
+        }
+        // The first route to fail ends the forwarder.
+        match serving.join_next().await {
+            Some(result) => result?,
+            None => Ok(()),
+        }
     })
 }
 
@@ -117,6 +150,37 @@ mod tests {
             .expect("a datagram within 5 s")
             .unwrap();
         (buf[..n].to_vec(), from)
+    }
+
+    #[test]
+    fn listen_and_upstream_come_in_pairs() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["udp-forward"], args].concat())
+                .unwrap()
+                .routes()
+        };
+        let routes = parse(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--upstream",
+            "127.0.0.1:2",
+            "--listen",
+            "127.0.0.1:3",
+            "--upstream",
+            "127.0.0.1:4",
+        ])
+        .unwrap();
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(routes, [(addr(1), addr(2)), (addr(3), addr(4))]);
+        let uneven = parse(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:3",
+            "--upstream",
+            "127.0.0.1:2",
+        ]);
+        assert!(uneven.unwrap_err().to_string().contains("in pairs"));
     }
 
     #[tokio::test]

@@ -18,7 +18,12 @@
 //!   moment, and the percentiles of the per-datagram difference are the
 //!   latency the relays added to those datagrams, with part of the load
 //!   generator's own stalls (those that delay both copies alike) taken
-//!   out.
+//!   out;
+//! - the latency the path adds under the load, measured beside it: a
+//!   publisher/subscriber pair of its own, on real-time threads above the
+//!   load's, sends `--probe-rate` probes/s on the path and on its direct
+//!   connection at once (see [`Probe`]): free of the generator's own
+//!   stalls, at any rate the load runs at.
 //!
 //! `--sweep` raises the rate until loss appears or the relay cannot keep
 //! up, then measures the added latency at half of that maximum.
@@ -224,6 +229,13 @@ struct Cli {
     /// allocation and channel of its own.
     #[arg(long)]
     coturn: bool,
+    /// Latency probes per second, sent beside the load in the added-latency
+    /// rounds by a publisher/subscriber pair of their own on real-time
+    /// threads (as root or with CAP_SYS_NICE), each on the measured path
+    /// and on the direct path at once: the latency the path adds at the
+    /// load's rate, whatever the generator's own scheduling. 0: no probes.
+    #[arg(long, default_value_t = 1000)]
+    probe_rate: u64,
     /// coturn's server binary (Debian package `coturn`).
     #[arg(long, default_value = "turnserver")]
     turnserver: PathBuf,
@@ -444,35 +456,44 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts the plain forwarder towards `upstream` the way the relays are
-/// started (same CPUs, same scheduling).
+/// Starts the plain forwarder the way the relays are started (same CPUs,
+/// same scheduling), with a route to each of `upstreams` (the load's sink,
+/// and the probe's); returns it (its address: the first route's) and where
+/// clients send for each route, in order.
 fn start_forwarder(
     dir: &std::path::Path,
-    upstream: std::net::SocketAddr,
+    upstreams: &[std::net::SocketAddr],
     launch: &Launch,
-) -> anyhow::Result<Spawned> {
+) -> anyhow::Result<(Spawned, Vec<std::net::SocketAddr>)> {
     use std::io::BufRead;
     let log = std::fs::File::create(dir.join("udp-forward.log"))?;
-    let mut child = launch
-        .command(&sibling_binary("udp-forward")?)
-        .args(["--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string())
+    let mut command = launch.command(&sibling_binary("udp-forward")?);
+    for upstream in upstreams {
+        command
+            .args(["--listen", "127.0.0.1:0", "--upstream"])
+            .arg(upstream.to_string());
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()?;
-    // It picks its own port and prints it once bound: no port chosen here
-    // can be taken by another socket before it binds, and nothing connects
-    // before it listens.
-    let mut line = String::new();
+    // It picks its own ports and prints them once bound: no port chosen
+    // here can be taken by another socket before it binds, and nothing
+    // connects before it listens.
     let stdout = child.stdout.take().context("udp-forward's stdout")?;
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line.trim().parse().with_context(|| {
-        format!(
-            "udp-forward did not start (printed {line:?}; see {})",
-            dir.join("udp-forward.log").display()
-        )
-    })?;
-    Ok(Spawned { child, addr })
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut entries = Vec::new();
+    for _ in upstreams {
+        let line = lines.next().transpose()?.unwrap_or_default();
+        entries.push(line.trim().parse().with_context(|| {
+            format!(
+                "udp-forward did not start (printed {line:?}; see {})",
+                dir.join("udp-forward.log").display()
+            )
+        })?);
+    }
+    let addr = *entries.first().context("udp-forward needs a route")?;
+    Ok((Spawned { child, addr }, entries))
 }
 
 /// Starts coturn on a port of its own, the way the relays are started:
@@ -593,17 +614,21 @@ const PAIRED_EVERY: u64 = 8;
 struct Recorder {
     received: AtomicU64,
     histogram: Mutex<Histogram<u64>>,
+    /// One sequence number in this many is paired: [`PAIRED_EVERY`] for the
+    /// load, 1 for the probes.
+    paired_every: u64,
     /// Arrival (nanoseconds since the epoch, 0 while not arrived) of
-    /// sequence number `i * PAIRED_EVERY`, at index `i`.
+    /// sequence number `i * paired_every`, at index `i`.
     arrivals: Mutex<Vec<u64>>,
     recording: AtomicBool,
 }
 
 impl Recorder {
-    fn new() -> anyhow::Result<Arc<Recorder>> {
+    fn new(paired_every: u64) -> anyhow::Result<Arc<Recorder>> {
         Ok(Arc::new(Recorder {
             received: AtomicU64::new(0),
             histogram: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            paired_every: paired_every.max(1),
             arrivals: Mutex::new(Vec::new()),
             recording: AtomicBool::new(false),
         }))
@@ -624,12 +649,12 @@ impl Recorder {
         self.received.fetch_add(1, Ordering::Relaxed);
         let us = now_ns.saturating_sub(sent_ns) / 1000;
         let _ = self.histogram.lock().unwrap().record(us.max(1));
-        if seq % PAIRED_EVERY == 0
+        if seq % self.paired_every == 0
             && let Some(slot) = self
                 .arrivals
                 .lock()
                 .unwrap()
-                .get_mut((seq / PAIRED_EVERY) as usize)
+                .get_mut((seq / self.paired_every) as usize)
             && *slot == 0
         {
             *slot = now_ns.max(1);
@@ -644,7 +669,7 @@ impl Recorder {
         self.histogram.lock().unwrap().reset();
         let mut arrivals = self.arrivals.lock().unwrap();
         arrivals.clear();
-        arrivals.resize(sent.div_ceil(PAIRED_EVERY) as usize, 0);
+        arrivals.resize(sent.div_ceil(self.paired_every) as usize, 0);
         drop(arrivals);
         self.recording.store(true, Ordering::Relaxed);
     }
@@ -738,6 +763,8 @@ struct Sample {
     /// Paired runs: for each datagram sent on the path and the direct path
     /// at once that arrived on both, path minus direct, nanoseconds.
     paired_ns: Vec<i64>,
+    /// Paired runs with a [`Probe`]: what its probes measured.
+    probe: Option<ProbeSample>,
 }
 
 impl Sample {
@@ -756,14 +783,21 @@ impl Sample {
         self.histogram
             .add(&other.histogram)
             .expect("histograms of the same bounds");
+        match (&mut self.probe, &other.probe) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (None, Some(theirs)) => self.probe = Some(theirs.clone()),
+            _ => {}
+        }
     }
 
     fn result(&self, topology: Topology, relays: usize) -> RunResult {
+        // The probes cost the forwarder what the load's datagrams do.
+        let delivered = self.received + self.probe.as_ref().map_or(0, |p| p.received);
         let forwarded = match self.path {
             // Each delivered datagram was forwarded once per relay on its way.
-            Path::Relayed => self.received * relays as u64,
+            Path::Relayed => delivered * relays as u64,
             Path::Direct => 0,
-            Path::Forwarded | Path::Turned => self.received,
+            Path::Forwarded | Path::Turned => delivered,
         };
         let cpu = self.relay_cpu;
         RunResult {
@@ -888,6 +922,9 @@ struct Added {
     /// The same, datagram by datagram (none when no datagram arrived on
     /// both paths).
     paired: Option<PairedAdded>,
+    /// What the path added to the probes beside the load (none with
+    /// `--probe-rate 0`).
+    probed: Option<Probed>,
 }
 
 impl Added {
@@ -896,6 +933,7 @@ impl Added {
         through: RunResult,
         direct: RunResult,
         paired: Option<PairedAdded>,
+        probed: Option<Probed>,
     ) -> Added {
         Added {
             offered_rate: through.offered_rate,
@@ -903,6 +941,7 @@ impl Added {
             added_p50_us: through.p50_us - direct.p50_us,
             added_p99_us: through.p99_us - direct.p99_us,
             paired,
+            probed,
             through,
             direct,
         }
@@ -975,6 +1014,10 @@ struct Report {
     realtime: bool,
     /// Whether the load generator's threads did.
     generator_realtime: bool,
+    /// Latency probes per second beside the load (0: none).
+    probe_rate: u64,
+    /// Whether the probes' threads ran under SCHED_FIFO.
+    probes_realtime: bool,
     relays: Measured,
     /// The plain UDP forwarder (`--baseline`).
     baseline: Option<Measured>,
@@ -989,6 +1032,241 @@ struct Baseline {
     process: Spawned,
     sink: std::net::SocketAddr,
     recorder: Arc<Recorder>,
+}
+
+/// Real-time priority of the probe's thread (its clients and sinks), above
+/// every other thread of the generator's.
+const PROBE_PRIORITY: &str = "30";
+
+/// Real-time priority of the probe's pacer: below the probe's receivers,
+/// above the load's threads.
+const PROBE_PACER_PRIORITY: &str = "20";
+
+/// A thread of its own, running a single-threaded tokio runtime: the
+/// probe's clients and sinks, driven apart from the load's. Under
+/// SCHED_FIFO (when allowed) it runs as soon as a probe arrives, however
+/// busy the load's threads keep the CPU.
+struct ProbeThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProbeThread {
+    fn start(realtime: bool) -> anyhow::Result<ProbeThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("probe".into())
+            .spawn(move || {
+                if realtime {
+                    make_thread_realtime(PROBE_PRIORITY);
+                }
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(ProbeThread {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// A sink driven by this thread, recording every datagram as paired.
+    fn sink(
+        &self,
+        dir: &std::path::Path,
+        epoch: Instant,
+    ) -> anyhow::Result<(Arc<Recorder>, std::net::SocketAddr)> {
+        let recorder = Recorder::new(1)?;
+        let _runtime = self.handle.enter();
+        let sink = start_sink(dir, recorder.clone(), epoch)?.local_addr()?;
+        Ok((recorder, sink))
+    }
+}
+
+impl Drop for ProbeThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Latency under load, measured the way latency-under-load tests (flent's
+/// RRUL, irtt beside a bulk transfer) measure it: in the added-latency
+/// rounds, beside the load, a publisher/subscriber pair of its own sends
+/// `rate` datagrams/s on the measured path, each also on its direct
+/// connection at the same moment. Its clients and sinks run on a
+/// [`ProbeThread`], its pacer on a real-time thread below them, so a probe
+/// leaves on time and is read as soon as it arrives however busy the
+/// load keeps the generator's CPU (a wake-up per probe costs little at a
+/// thousand per second). The forwarder handles the probes among the load's
+/// datagrams, so path minus direct arrival, probe by probe, is what the
+/// path adds at the load's rate, including at rates the real-time
+/// generator cannot drive.
+struct Probe {
+    rate: u64,
+    /// Whether its threads run under SCHED_FIFO.
+    realtime: bool,
+    /// Its publisher and subscriber, connected like a pair of the load's.
+    pair: Pair,
+    relayed: Arc<Recorder>,
+    direct: Arc<Recorder>,
+    /// In the bench's order.
+    baselines: Vec<Arc<Recorder>>,
+    /// Last: its clients close before their runtime stops.
+    _thread: ProbeThread,
+}
+
+impl Probe {
+    /// Starts probing `via` for `duration`; none on the direct path, which
+    /// the probes are measured against.
+    fn start(&self, via: Via, duration: Duration, size: usize, epoch: Instant) -> Option<ProbeRun> {
+        let recorder = match via {
+            Via::Relays => &self.relayed,
+            Via::Direct => return None,
+            Via::Baseline(i) => &self.baselines[i],
+        };
+        Some(start_probes(
+            self.pair.sender(via),
+            self.pair.sender(Via::Direct),
+            [recorder.clone(), self.direct.clone()],
+            self.rate,
+            self.realtime,
+            duration,
+            size,
+            epoch,
+        ))
+    }
+}
+
+/// Probes being sent: their pacer and where they arrive.
+struct ProbeRun {
+    pacer: std::thread::JoinHandle<u64>,
+    path: Arc<Recorder>,
+    direct: Arc<Recorder>,
+}
+
+/// Sends `rate` probes/s on `path` for `duration`, each also on `direct`
+/// at the same moment, from a pacer thread of their own (real-time when
+/// `realtime`); `recorders` are the path's and the direct path's, each
+/// recording every probe as paired.
+#[allow(clippy::too_many_arguments)]
+fn start_probes(
+    path: Sender,
+    direct: Sender,
+    recorders: [Arc<Recorder>; 2],
+    rate: u64,
+    realtime: bool,
+    duration: Duration,
+    size: usize,
+    epoch: Instant,
+) -> ProbeRun {
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let [path_recorder, direct_recorder] = recorders;
+    path_recorder.start(total);
+    direct_recorder.start(total);
+    let pacer = std::thread::spawn(move || {
+        if realtime {
+            make_thread_realtime(PROBE_PACER_PRIORITY);
+        }
+        pace(&[path], &[direct], 1, rate, duration, size, epoch)
+    });
+    ProbeRun {
+        pacer,
+        path: path_recorder,
+        direct: direct_recorder,
+    }
+}
+
+impl ProbeRun {
+    /// Once the probes had time to arrive: what they measured.
+    fn finish(self) -> anyhow::Result<ProbeSample> {
+        let sent = self
+            .pacer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe's pacer panicked"))?;
+        let (received, histogram, arrivals) = self.path.stop();
+        let (_, direct_histogram, direct_arrivals) = self.direct.stop();
+        Ok(ProbeSample {
+            sent,
+            received,
+            histogram,
+            direct_histogram,
+            paired_ns: paired_differences(&arrivals, &direct_arrivals),
+        })
+    }
+}
+
+/// What the probes of one or more runs measured.
+#[derive(Clone)]
+struct ProbeSample {
+    sent: u64,
+    /// Probes that arrived through the path (their direct copies aside).
+    received: u64,
+    /// One-way latencies through the path and on the direct connection.
+    histogram: Histogram<u64>,
+    direct_histogram: Histogram<u64>,
+    /// Path minus direct arrival, for each probe that arrived both ways, ns.
+    paired_ns: Vec<i64>,
+}
+
+impl ProbeSample {
+    fn merge(&mut self, other: &ProbeSample) {
+        self.sent += other.sent;
+        self.received += other.received;
+        self.paired_ns.extend_from_slice(&other.paired_ns);
+        for (a, b) in [
+            (&mut self.histogram, &other.histogram),
+            (&mut self.direct_histogram, &other.direct_histogram),
+        ] {
+            a.add(b).expect("histograms of the same bounds");
+        }
+    }
+
+    fn result(&self, rate: u64, realtime: bool) -> Probed {
+        let us = |h: &Histogram<u64>, q| h.value_at_quantile(q) as f64;
+        Probed {
+            rate,
+            realtime,
+            sent: self.sent,
+            lost: self.sent.saturating_sub(self.received),
+            path_p50_us: us(&self.histogram, 0.5),
+            path_p99_us: us(&self.histogram, 0.99),
+            direct_p50_us: us(&self.direct_histogram, 0.5),
+            direct_p99_us: us(&self.direct_histogram, 0.99),
+            added: PairedAdded::from_differences(&self.paired_ns),
+        }
+    }
+}
+
+/// The latency a path added to the probes sent beside the load (see
+/// [`Probe`]).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Probed {
+    /// Probes per second.
+    rate: u64,
+    /// Whether the probe's threads ran under SCHED_FIFO (if not, their own
+    /// waits for the CPU are in these figures).
+    realtime: bool,
+    sent: u64,
+    /// Probes lost on the path.
+    lost: u64,
+    /// One-way latency of the probes through the path, and of their
+    /// copies on the direct connection.
+    path_p50_us: f64,
+    path_p99_us: f64,
+    direct_p50_us: f64,
+    direct_p99_us: f64,
+    /// Path minus direct, probe by probe: what the path added (none when
+    /// no probe arrived both ways).
+    added: Option<PairedAdded>,
 }
 
 struct Bench {
@@ -1010,6 +1288,8 @@ struct Bench {
     placement: Placement,
     /// Whether the generator's threads run under SCHED_FIFO.
     generator_realtime: bool,
+    /// The latency probe beside the load (none with `--probe-rate 0`).
+    probe: Option<Probe>,
 }
 
 fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
@@ -1116,6 +1396,81 @@ fn cluster_roots(dir: &std::path::Path) -> anyhow::Result<Arc<rustls::RootCertSt
     Ok(Arc::new(roots))
 }
 
+/// Where a pair's clients connect: the relays (the publisher to the first,
+/// the subscriber to the last), the direct path's sink, and each
+/// baseline's entry and the sink behind it.
+#[derive(Clone)]
+struct Targets {
+    config: quinn::ClientConfig,
+    direct_config: quinn::ClientConfig,
+    publish_to: std::net::SocketAddr,
+    subscribe_to: std::net::SocketAddr,
+    direct_sink: std::net::SocketAddr,
+    /// In the bench's order: the path, where its clients send, its sink.
+    baselines: Vec<(Path, std::net::SocketAddr, std::net::SocketAddr)>,
+}
+
+/// Connects the publisher/subscriber pair `name` (its channel too) on every
+/// path of `to`, on the calling runtime; the media the subscriber receives
+/// is recorded into `relayed`.
+async fn connect_pair(
+    name: String,
+    to: Targets,
+    relayed: Arc<Recorder>,
+    epoch: Instant,
+) -> anyhow::Result<Pair> {
+    // Every client has its own socket, as on separate machines.
+    let (sub_endpoint, pub_endpoint) = (client_endpoint()?, client_endpoint()?);
+    let subscriber_port = sub_endpoint.local_addr()?.port();
+    let mut sub = connect_session(&sub_endpoint, &to.config, to.subscribe_to).await?;
+    sub.join(
+        &name,
+        &token(&name, &format!("{name}-sub"), Role::Subscriber),
+    )
+    .await?;
+    let mut publisher = connect_session(&pub_endpoint, &to.config, to.publish_to).await?;
+    let joined = publisher
+        .join(
+            &name,
+            &token(&name, &format!("{name}-pub"), Role::Publisher),
+        )
+        .await?;
+    let direct = pub_endpoint
+        .connect_with(to.direct_config.clone(), to.direct_sink, "localhost")?
+        .await?;
+    let mut through_baselines = Vec::new();
+    for &(path, entry, sink) in &to.baselines {
+        let connection = match path {
+            Path::Forwarded => pub_endpoint
+                .connect_with(to.direct_config.clone(), entry, "localhost")?
+                .await
+                .context("connecting through udp-forward")?,
+            _ => turn_endpoint(entry, sink)
+                .await?
+                .connect_with(to.direct_config.clone(), sink, "localhost")?
+                .await
+                .context("connecting through coturn")?,
+        };
+        through_baselines.push(connection);
+    }
+    let media = sub.datagrams();
+    tokio::spawn(async move {
+        while let Ok(incoming) = media.recv().await {
+            if let Incoming::Media(m) = incoming {
+                relayed.record(&m.payload, epoch);
+            }
+        }
+    });
+    Ok(Pair {
+        publisher: publisher.media_sender(),
+        sessions: [sub, publisher],
+        channel: joined.channel,
+        direct,
+        subscriber_port,
+        through_baselines,
+    })
+}
+
 impl Bench {
     async fn setup(
         cli: &Cli,
@@ -1123,23 +1478,54 @@ impl Bench {
         launch: &Launch,
         placement: Placement,
         generator_realtime: bool,
+        probes_realtime: bool,
     ) -> anyhow::Result<Bench> {
         let relays = start_relays(dir, cli.topology, cli.relay_threads, launch)?;
         let epoch = Instant::now();
-        let relayed = Recorder::new()?;
-        let direct = Recorder::new()?;
+        let relayed = Recorder::new(PAIRED_EVERY)?;
+        let direct = Recorder::new(PAIRED_EVERY)?;
         let sink = start_sink(dir, direct.clone(), epoch)?;
         let sink_addr = sink.local_addr()?;
+        // The probe's sinks run on its thread, and exist before the
+        // forwarder that routes to one starts.
+        let probe_thread = match cli.probe_rate {
+            0 => None,
+            _ => Some(ProbeThread::start(probes_realtime)?),
+        };
+        let probe_direct = probe_thread
+            .as_ref()
+            .map(|t| t.sink(dir, epoch))
+            .transpose()?;
         let mut baselines = Vec::new();
+        // Per baseline when probing: where the probe sends, its sink.
+        let mut probe_routes = Vec::new();
         for (path, asked) in [(Path::Forwarded, cli.baseline), (Path::Turned, cli.coturn)] {
             if !asked {
                 continue;
             }
-            let recorder = Recorder::new()?;
+            let recorder = Recorder::new(PAIRED_EVERY)?;
             let sink = start_sink(dir, recorder.clone(), epoch)?.local_addr()?;
+            let probe_sink = probe_thread
+                .as_ref()
+                .map(|t| t.sink(dir, epoch))
+                .transpose()?;
             let process = match path {
-                Path::Forwarded => start_forwarder(dir, sink, launch)?,
-                _ => start_coturn(dir, &cli.turnserver, launch)?,
+                Path::Forwarded => {
+                    let mut upstreams = vec![sink];
+                    upstreams.extend(probe_sink.as_ref().map(|(_, sink)| *sink));
+                    let (process, entries) = start_forwarder(dir, &upstreams, launch)?;
+                    if let Some((recorder, sink)) = probe_sink {
+                        probe_routes.push((path, entries[1], sink, recorder));
+                    }
+                    process
+                }
+                _ => {
+                    let process = start_coturn(dir, &cli.turnserver, launch)?;
+                    if let Some((recorder, sink)) = probe_sink {
+                        probe_routes.push((path, process.addr, sink, recorder));
+                    }
+                    process
+                }
             };
             baselines.push(Baseline {
                 path,
@@ -1150,60 +1536,50 @@ impl Bench {
         }
 
         let roots = cluster_roots(dir)?;
-        let config = client_config(roots.clone())?;
-        let direct_config =
-            quic_client_with_roots(roots, DIRECT_ALPN, Arc::new(media_transport()))?;
-        let pub_addr = relays[0].addr;
-        let sub_addr = relays[relays.len() - 1].addr;
+        let targets = Targets {
+            config: client_config(roots.clone())?,
+            direct_config: quic_client_with_roots(roots, DIRECT_ALPN, Arc::new(media_transport()))?,
+            publish_to: relays[0].addr,
+            subscribe_to: relays[relays.len() - 1].addr,
+            direct_sink: sink_addr,
+            baselines: baselines
+                .iter()
+                .map(|b| (b.path, b.process.addr, b.sink))
+                .collect(),
+        };
         let mut pairs = Vec::new();
         for i in 0..cli.pairs {
             let name = format!("bench-{i}");
-            // Every client has its own socket, as on separate machines.
-            let (sub_endpoint, pub_endpoint) = (client_endpoint()?, client_endpoint()?);
-            let subscriber_port = sub_endpoint.local_addr()?.port();
-            let mut sub = connect_session(&sub_endpoint, &config, sub_addr).await?;
-            sub.join(&name, &token(&name, &format!("sub{i}"), Role::Subscriber))
-                .await?;
-            let mut publisher = connect_session(&pub_endpoint, &config, pub_addr).await?;
-            let joined = publisher
-                .join(&name, &token(&name, &format!("pub{i}"), Role::Publisher))
-                .await?;
-            let direct = pub_endpoint
-                .connect_with(direct_config.clone(), sink_addr, "localhost")?
-                .await?;
-            let mut through_baselines = Vec::new();
-            for b in &baselines {
-                let connection = match b.path {
-                    Path::Forwarded => pub_endpoint
-                        .connect_with(direct_config.clone(), b.process.addr, "localhost")?
-                        .await
-                        .context("connecting through udp-forward")?,
-                    _ => turn_endpoint(b.process.addr, b.sink)
-                        .await?
-                        .connect_with(direct_config.clone(), b.sink, "localhost")?
-                        .await
-                        .context("connecting through coturn")?,
-                };
-                through_baselines.push(connection);
-            }
-            let recorder = relayed.clone();
-            let media = sub.datagrams();
-            tokio::spawn(async move {
-                while let Ok(incoming) = media.recv().await {
-                    if let Incoming::Media(m) = incoming {
-                        recorder.record(&m.payload, epoch);
-                    }
-                }
-            });
-            pairs.push(Pair {
-                publisher: publisher.media_sender(),
-                sessions: [sub, publisher],
-                channel: joined.channel,
-                direct,
-                subscriber_port,
-                through_baselines,
-            });
+            pairs.push(connect_pair(name, targets.clone(), relayed.clone(), epoch).await?);
         }
+        let probe = match (probe_thread, probe_direct) {
+            (Some(thread), Some((direct, direct_sink))) => {
+                let relayed = Recorder::new(1)?;
+                let to = Targets {
+                    direct_sink,
+                    baselines: probe_routes
+                        .iter()
+                        .map(|(path, entry, sink, _)| (*path, *entry, *sink))
+                        .collect(),
+                    ..targets
+                };
+                // On the probe's thread, so that its clients are driven there.
+                let pair = thread
+                    .handle
+                    .spawn(connect_pair("probe".into(), to, relayed.clone(), epoch))
+                    .await??;
+                Some(Probe {
+                    rate: cli.probe_rate,
+                    realtime: probes_realtime,
+                    pair,
+                    relayed,
+                    direct,
+                    baselines: probe_routes.into_iter().map(|r| r.3).collect(),
+                    _thread: thread,
+                })
+            }
+            _ => None,
+        };
         Ok(Bench {
             duration: Duration::from_secs_f64(cli.duration),
             size: cli.size,
@@ -1215,6 +1591,7 @@ impl Bench {
             direct,
             sink_port: sink_addr.port(),
             baselines,
+            probe,
             ticks: clock_ticks(),
             placement,
             generator_realtime,
@@ -1279,7 +1656,7 @@ impl Bench {
 
     /// Sends at `rate` datagrams/s on `path` for `duration`; `paired`
     /// sends one datagram in [`PAIRED_EVERY`] on the direct path too (see
-    /// [`PairedAdded`]).
+    /// [`PairedAdded`]), and the probes beside the load (see [`Probe`]).
     async fn run(
         &self,
         path: Path,
@@ -1316,12 +1693,25 @@ impl Bench {
         let receivers = self.receive_ports(via);
         let drops_before = udp_drops(&receivers)?;
         let (epoch, size) = (self.epoch, self.size);
+        let probes = match paired {
+            true => self.probe.as_ref(),
+            false => None,
+        }
+        .and_then(|p| p.start(via, duration, size, epoch));
         let realtime = self.generator_realtime;
         let sent = tokio::task::spawn_blocking(move || {
             if realtime {
                 make_thread_realtime(PACER_PRIORITY);
             }
-            pace(&senders, &also_direct, rate, duration, size, epoch)
+            pace(
+                &senders,
+                &also_direct,
+                PAIRED_EVERY,
+                rate,
+                duration,
+                size,
+                epoch,
+            )
         })
         .await?;
         let send_seconds = started.elapsed().as_secs_f64();
@@ -1332,6 +1722,7 @@ impl Bench {
             true => paired_differences(&arrivals, &self.direct.stop().2),
             false => Vec::new(),
         };
+        let probe = probes.map(ProbeRun::finish).transpose()?;
         let seconds = started.elapsed().as_secs_f64();
         let steal_after = self.steal()?;
         Ok(Sample {
@@ -1350,6 +1741,7 @@ impl Bench {
             generator_steal: steal_after.1 - steal_before.1,
             histogram,
             paired_ns,
+            probe,
         })
     }
 
@@ -1386,13 +1778,11 @@ impl Bench {
     }
 
     /// Raises the rate on `path` until it no longer keeps up (or the load
-    /// generator saturates); returns the highest rate it kept up with. A
-    /// rate that fails is tried once more before the sweep ends there: one
-    /// stall of the host can fail a run at a rate the path sustains.
-    async fn sweep(&self, path: Path, measured: &mut Measured) -> anyhow::Result<u64> {
-        let mut rate = 10_000u64;
-        let mut best = None;
-        let mut retried = false;
+    /// generator saturates; see [`Sweep`]); returns the highest rate it
+    /// kept up with, if any.
+    async fn sweep(&self, path: Path, measured: &mut Measured) -> anyhow::Result<Option<u64>> {
+        let mut sweep = Sweep::new();
+        let mut rate = sweep.rate;
         loop {
             let mut r = self.result(&self.run(path, rate, self.duration, false).await?);
             print(&r);
@@ -1414,25 +1804,24 @@ impl Bench {
             let keeps_up = r.keeps_up();
             let generator_saturated = self.generator_saturated(&r);
             measured.runs.push(r);
-            if !keeps_up {
-                if retried {
-                    break;
+            match sweep.next(keeps_up, generator_saturated) {
+                Some(next) => {
+                    if !keeps_up {
+                        println!("did not keep up at {rate}/s: trying that rate once more");
+                    }
+                    rate = next;
                 }
-                println!("did not keep up at {rate}/s: trying that rate once more");
-                retried = true;
-                continue;
+                None => break,
             }
-            retried = false;
-            best = Some(rate);
-            if generator_saturated || rate >= 1_000_000 {
-                break;
-            }
-            rate = (rate as f64 * 1.3) as u64;
         }
-        let max = best.unwrap_or(rate);
-        println!("maximum loss-free rate: {max} datagrams/s offered");
-        measured.max_loss_free_rate = Some(max);
-        Ok(max)
+        match sweep.best {
+            Some(max) => println!("maximum loss-free rate: {max} datagrams/s offered"),
+            None => {
+                println!("no loss-free rate: the path did not keep up even at {SWEEP_FIRST_RATE}/s")
+            }
+        }
+        measured.max_loss_free_rate = sweep.best;
+        Ok(sweep.best)
     }
 
     /// With `--sweep`, finds `path`'s maximum and measures the latency it
@@ -1447,7 +1836,14 @@ impl Bench {
     ) -> anyhow::Result<Measured> {
         let mut measured = Measured::default();
         let half_max = if cli.sweep {
-            Some(self.sweep(path, &mut measured).await? / 2)
+            let max = self.sweep(path, &mut measured).await?;
+            if max.is_none() && at.is_none() {
+                println!(
+                    "measuring the latency it adds at {}/s, half of the lowest rate tried",
+                    SWEEP_FIRST_RATE / 2
+                );
+            }
+            Some(max.unwrap_or(SWEEP_FIRST_RATE) / 2)
         } else {
             None
         };
@@ -1474,16 +1870,72 @@ impl Bench {
             }
         }
         let through = through.expect("one round");
+        let probed = through
+            .probe
+            .as_ref()
+            .zip(self.probe.as_ref())
+            .map(|(sample, probe)| sample.result(probe.rate, probe.realtime));
         Ok(Added::new(
             rounds.max(1),
             self.result(&through),
             self.result(&direct.expect("one round")),
             PairedAdded::from_differences(&through.paired_ns),
+            probed,
         ))
     }
 }
 
+/// The sweep's first rate, datagrams/s.
+const SWEEP_FIRST_RATE: u64 = 10_000;
+
+/// The sweep's last rate: it stops there even if the path keeps up.
+const SWEEP_LAST_RATE: u64 = 1_000_000;
+
+/// The sweep's steps, without the runs: the rate rises by 30 % from
+/// [`SWEEP_FIRST_RATE`] while the path keeps up, until the load generator
+/// saturates or [`SWEEP_LAST_RATE`]. A rate that fails is tried once more
+/// before the sweep ends there: one stall of the host can fail a run at a
+/// rate the path sustains.
+#[derive(Debug)]
+struct Sweep {
+    /// The rate being tried.
+    rate: u64,
+    /// The highest rate the path kept up with so far.
+    best: Option<u64>,
+    retried: bool,
+}
+
+impl Sweep {
+    fn new() -> Sweep {
+        Sweep {
+            rate: SWEEP_FIRST_RATE,
+            best: None,
+            retried: false,
+        }
+    }
+
+    /// Notes how the run at the current rate went; returns the next rate
+    /// to try, or none when the sweep is over.
+    fn next(&mut self, kept_up: bool, generator_saturated: bool) -> Option<u64> {
+        if !kept_up {
+            if self.retried {
+                return None;
+            }
+            self.retried = true;
+            return Some(self.rate);
+        }
+        self.retried = false;
+        self.best = Some(self.rate);
+        if generator_saturated || self.rate >= SWEEP_LAST_RATE {
+            return None;
+        }
+        self.rate = (self.rate as f64 * 1.3) as u64;
+        Some(self.rate)
+    }
+}
+
 /// One publisher's way out.
+#[derive(Clone)]
 enum Sender {
     Relayed(MediaSender, relay_core::ChannelId),
     Direct(quinn::Connection),
@@ -1506,12 +1958,13 @@ impl Sender {
 /// whenever it is ahead of schedule by more than [`PACE_SLACK`], so bursts
 /// stay within a fraction of a millisecond). Each payload starts with its
 /// send time and its sequence number. When `also` has a sender per
-/// publisher, every [`PAIRED_EVERY`]th datagram is sent on it too, right
+/// publisher, every `paired_every`th datagram is sent on it too, right
 /// before or after (in turn, so that neither copy has the head start).
 /// Returns how many were sent on `senders`.
 fn pace(
     senders: &[Sender],
     also: &[Sender],
+    paired_every: u64,
     rate: u64,
     duration: Duration,
     size: usize,
@@ -1531,8 +1984,8 @@ fn pace(
         payload[..8].copy_from_slice(&stamp.to_be_bytes());
         payload[8..16].copy_from_slice(&k.to_be_bytes());
         let publisher = k as usize % senders.len();
-        let also = also.get(publisher).filter(|_| k % PAIRED_EVERY == 0);
-        let also_first = (k / PAIRED_EVERY) % 2 == 1;
+        let also = also.get(publisher).filter(|_| k % paired_every == 0);
+        let also_first = (k / paired_every) % 2 == 1;
         if let Some(a) = also.filter(|_| also_first) {
             a.send(&payload);
         }
@@ -1583,6 +2036,23 @@ fn print_added(a: &Added, by: &str) {
             a.offered_rate, p.samples, p.p50_us, p.p99_us, p.max_us
         );
     }
+    if let Some(p) = &a.probed {
+        let threads = match p.realtime {
+            true => "real-time",
+            false => "not real-time: their own waits for the CPU are in this",
+        };
+        print!(
+            "added by {by} at {}/s, probed ({} probes/s beside the load from a client of their own, {threads}; each also sent direct; {} sent, {} lost on the path; one-way p99 {:.0} us through it, {:.0} us direct)",
+            a.offered_rate, p.rate, p.sent, p.lost, p.path_p99_us, p.direct_p99_us
+        );
+        match &p.added {
+            Some(d) => println!(
+                ": p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+                d.p50_us, d.p99_us, d.max_us
+            ),
+            None => println!(": no probe arrived both ways"),
+        }
+    }
     if a.through.relay_cpu_steal > HOST_NOISE_STEAL {
         println!(
             "warning: the hypervisor took {:.1} % of the relays' CPU time during these rounds: stalls of theirs that no process on that CPU can avoid are in this tail",
@@ -1590,8 +2060,14 @@ fn print_added(a: &Added, by: &str) {
         );
     }
     if a.direct.p99_us > HOST_NOISE_P99_US {
+        let finer = match a.probed.as_ref().is_some_and(|p| p.realtime) {
+            true => "the probed figure does not depend on the generator's scheduling",
+            false => {
+                "the paired figure takes out part of the generator's; real-time probes (as root) take them out"
+            }
+        };
         println!(
-            "warning: the direct path's own p99 is {:.0} us: stalls outside the path (the generator's own scheduling, or the host's) dominate this run's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s (the paired figure takes out part of the generator's; --generator-policy realtime takes them out at rates it can drive)",
+            "warning: the direct path's own p99 is {:.0} us: stalls outside the path (the generator's own scheduling, or the host's) dominate the load's tail, and an added p99 under 1 ms cannot be judged from the difference of the two p99s ({finer})",
             a.direct.p99_us
         );
     }
@@ -1630,9 +2106,15 @@ fn compare(relays: &Measured, baselines: &[(Path, String, Measured)]) {
         }
     }
     let Some(a) = &relays.added else { return };
-    let paired = |a: &Added| match &a.paired {
-        Some(p) => format!("; paired p50 {:.0} us, p99 {:.0} us", p.p50_us, p.p99_us),
-        None => String::new(),
+    let paired = |a: &Added| {
+        let mut finer = String::new();
+        if let Some(p) = &a.paired {
+            finer += &format!("; paired p50 {:.0} us, p99 {:.0} us", p.p50_us, p.p99_us);
+        }
+        if let Some(p) = a.probed.as_ref().and_then(|p| p.added.as_ref()) {
+            finer += &format!("; probed p50 {:.0} us, p99 {:.0} us", p.p50_us, p.p99_us);
+        }
+        finer
     };
     println!(
         "  at {}/s: relays {:.2} CPU-s per million, added p50 {:.0} us, p99 {:.0} us{}",
@@ -1714,6 +2196,13 @@ fn main() -> anyhow::Result<()> {
         ),
         "cannot run the load generator real-time (chrt failed): its latency figures include its own threads' waits for the CPU",
     );
+    let probes_realtime = realtime_if_allowed(
+        cli.probe_rate > 0,
+        &format!(
+            "latency probes under SCHED_FIFO: receivers priority {PROBE_PRIORITY}, pacer {PROBE_PACER_PRIORITY}"
+        ),
+        "cannot run the latency probes real-time (chrt failed): their figures include their own waits for the CPU",
+    );
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.worker_threads(generator_cpus).enable_all();
     if generator_realtime {
@@ -1722,7 +2211,15 @@ fn main() -> anyhow::Result<()> {
     let rt = rt.build()?;
     rt.block_on(async {
         let dir = tempdir()?;
-        let bench = Bench::setup(&cli, &dir, &launch, placement, generator_realtime).await?;
+        let bench = Bench::setup(
+            &cli,
+            &dir,
+            &launch,
+            placement,
+            generator_realtime,
+            probes_realtime,
+        )
+        .await?;
         // Interest propagates between chained relays.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Warm up every path.
@@ -1754,6 +2251,8 @@ fn main() -> anyhow::Result<()> {
         let report = Report {
             realtime,
             generator_realtime,
+            probe_rate: cli.probe_rate,
+            probes_realtime,
             relays,
             baseline: take(Path::Forwarded),
             coturn: take(Path::Turned),
@@ -1801,6 +2300,7 @@ mod tests {
             generator_steal: 0.0,
             histogram,
             paired_ns: Vec::new(),
+            probe: None,
         }
     }
 
@@ -1819,7 +2319,7 @@ mod tests {
             )
             .unwrap();
         }
-        let recorder = Recorder::new().unwrap();
+        let recorder = Recorder::new(PAIRED_EVERY).unwrap();
         let sink = start_sink(dir, recorder.clone(), epoch)
             .unwrap()
             .local_addr()
@@ -1851,7 +2351,15 @@ mod tests {
             .unwrap();
         recorder.start(100);
         let sender = [Sender::Direct(connection)];
-        let sent = pace(&sender, &[], 1000, Duration::from_millis(100), 200, epoch);
+        let sent = pace(
+            &sender,
+            &[],
+            PAIRED_EVERY,
+            1000,
+            Duration::from_millis(100),
+            200,
+            epoch,
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         while recorder.received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1882,6 +2390,7 @@ mod tests {
         let sent = pace(
             &[Sender::Direct(to_path.clone())],
             &[Sender::Direct(to_direct.clone())],
+            PAIRED_EVERY,
             1000,
             Duration::from_millis(100),
             200,
@@ -1910,6 +2419,116 @@ mod tests {
             differences.iter().all(|d| d.abs() < 1_000_000_000),
             "{differences:?}"
         );
+    }
+
+    /// The probe's plumbing: sinks and clients driven by a thread of their
+    /// own, a pacer sending every probe both ways, every probe paired.
+    #[tokio::test]
+    async fn probes_go_both_ways_from_a_thread_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = Instant::now();
+        // The PKI and a client config (its sink is not used).
+        let (_, _, config) = sink(dir.path(), epoch);
+        let thread = ProbeThread::start(false).unwrap();
+        let (path, path_sink) = thread.sink(dir.path(), epoch).unwrap();
+        let (direct, direct_sink) = thread.sink(dir.path(), epoch).unwrap();
+        let connections = thread
+            .handle
+            .spawn(async move {
+                let endpoint = client_endpoint()?;
+                let mut connections = Vec::new();
+                for to in [path_sink, direct_sink] {
+                    let connecting = endpoint.connect_with(config.clone(), to, "localhost")?;
+                    connections.push(connecting.await?);
+                }
+                anyhow::Ok(connections)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let run = start_probes(
+            Sender::Direct(connections[0].clone()),
+            Sender::Direct(connections[1].clone()),
+            [path.clone(), direct.clone()],
+            1000,
+            false,
+            Duration::from_millis(200),
+            200,
+            epoch,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (
+            path.received.load(Ordering::Relaxed),
+            direct.received.load(Ordering::Relaxed),
+        ) != (200, 200)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut sample = run.finish().unwrap();
+        assert_eq!((sample.sent, sample.received), (200, 200));
+        assert_eq!(sample.paired_ns.len(), 200, "every probe went both ways");
+        assert_eq!(sample.direct_histogram.len(), 200);
+        // Rounds add up; the figures come from the merged probes.
+        sample.merge(&sample.clone());
+        let probed = sample.result(1000, false);
+        assert_eq!((probed.sent, probed.lost), (400, 0));
+        let added = probed.added.unwrap();
+        assert_eq!(added.samples, 400);
+        // Same host, same moment: the copies arrive within a second.
+        assert!(added.max_us.abs() < 1e6 && added.p50_us <= added.p99_us);
+        assert!(probed.direct_p50_us > 0.0 && probed.path_p99_us > 0.0);
+    }
+
+    /// Probes cost the forwarder what the load's datagrams do: they count
+    /// as forwarded, not as the load's received.
+    #[test]
+    fn probes_count_as_forwarded_datagrams() {
+        let mut s = sample(Path::Relayed, &[100; 1000], 1000);
+        s.probe = Some(ProbeSample {
+            sent: 10,
+            received: 9,
+            histogram: s.histogram.clone(),
+            direct_histogram: s.histogram.clone(),
+            paired_ns: vec![1000; 9],
+        });
+        let r = s.result(Topology::Chain, 2);
+        assert_eq!((r.received, r.loss), (1000, 0.0));
+        assert_eq!(r.forwarded_per_s, 2018.0, "1009 delivered, twice each");
+        let probed = s.probe.unwrap().result(1000, true);
+        assert_eq!((probed.lost, probed.added.unwrap().p99_us), (1, 1.0));
+    }
+
+    #[test]
+    fn the_sweep_rises_retries_a_failure_once_and_may_find_no_maximum() {
+        // Nothing keeps up: the first rate is tried twice, then no maximum
+        // (not the failed rate).
+        let mut s = Sweep::new();
+        assert_eq!(s.next(false, false), Some(SWEEP_FIRST_RATE));
+        assert_eq!(s.next(false, false), None);
+        assert_eq!(s.best, None);
+        // Up by 30 % while it keeps up; a failure passed on its retry does
+        // not end the sweep, two in a row do.
+        let mut s = Sweep::new();
+        assert_eq!(s.next(true, false), Some(13_000));
+        assert_eq!(s.next(true, false), Some(16_900));
+        assert_eq!(s.next(false, false), Some(16_900), "tried once more");
+        assert_eq!(s.next(true, false), Some(21_970));
+        assert_eq!(s.next(false, false), Some(21_970));
+        assert_eq!(s.next(false, false), None);
+        assert_eq!(s.best, Some(16_900));
+        // A saturated generator ends it at a rate that kept up.
+        let mut s = Sweep::new();
+        assert_eq!(s.next(true, true), None);
+        assert_eq!(s.best, Some(SWEEP_FIRST_RATE));
+        // So does the last rate.
+        let mut s = Sweep::new();
+        let mut tried = 0;
+        while s.next(true, false).is_some() {
+            tried += 1;
+        }
+        assert!(s.best.is_some_and(|b| b >= SWEEP_LAST_RATE), "{s:?}");
+        assert_eq!(tried, 18, "10,000/s x 1.3^18 passes 1,000,000/s");
     }
 
     #[test]
@@ -1941,7 +2560,7 @@ mod tests {
 
     #[test]
     fn a_recorder_notes_the_first_arrival_of_paired_numbers() {
-        let recorder = Recorder::new().unwrap();
+        let recorder = Recorder::new(PAIRED_EVERY).unwrap();
         let epoch = Instant::now();
         recorder.start(20);
         let payload = |seq: u64| {
@@ -2013,7 +2632,7 @@ mod tests {
         let mut relayed: Vec<u64> = vec![300; 98];
         relayed.extend([5000, 5000]);
         let relayed = sample(Path::Relayed, &relayed, 100).result(Topology::Single, 1);
-        let a = Added::new(3, relayed, direct, None);
+        let a = Added::new(3, relayed, direct, None, None);
         assert_eq!(a.added_p50_us, 200.0);
         // Within the histogram's precision (3 significant digits).
         assert!((a.added_p99_us - 4900.0).abs() <= 5.0, "{}", a.added_p99_us);
