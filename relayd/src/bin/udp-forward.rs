@@ -9,18 +9,17 @@
 //! relay process can do per datagram on this host, so its latency and CPU
 //! figures are the floor for any relay on the same CPU.
 //!
-//! `--listen` and `--upstream` may be repeated, in pairs: each listening
-//! address forwards to its upstream, all served by the one thread (the load
-//! generator sends its latency probes through a route of their own to a
-//! sink of their own).
+//! `--client-upstream CLIENT=UPSTREAM` sends one client's datagrams
+//! elsewhere, through the same listening socket as everyone's (the load
+//! generator's latency probes reach a sink of their own that way, queued
+//! with the load as a TURN server's clients are).
 //!
 //! ```text
 //! udp-forward --listen 127.0.0.1:4000 --upstream 127.0.0.1:5000
 //! ```
 //!
-//! It prints the addresses it listens on, one line each on standard
-//! output in the order given, once bound (so `--listen 127.0.0.1:0` lets
-//! the system choose a free port).
+//! It prints the address it listens on, one line on standard output, once
+//! bound (so `--listen 127.0.0.1:0` lets the system choose a free port).
 #![allow(clippy::disallowed_methods)] // a benchmark tool
 
 use std::collections::HashMap;
@@ -34,33 +33,39 @@ use tokio::net::UdpSocket;
 #[derive(Parser)]
 #[command(about = "Plain UDP forwarder: the baseline for relay-loadgen --baseline")]
 struct Cli {
-    /// Address clients send to (repeatable: one per route).
-    #[arg(long, required = true)]
-    listen: Vec<SocketAddr>,
-    /// Where the datagrams sent to the `--listen` of the same place go.
-    #[arg(long, required = true)]
-    upstream: Vec<SocketAddr>,
-    /// Most clients served at once per route; datagrams from further
-    /// addresses are dropped.
+    /// Address clients send to.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where their datagrams go.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// `CLIENT=UPSTREAM`: the datagrams of the client at CLIENT go to
+    /// UPSTREAM instead (repeatable).
+    #[arg(long, value_parser = parse_client_upstream)]
+    client_upstream: Vec<(SocketAddr, SocketAddr)>,
+    /// Most clients served at once; datagrams from further addresses are
+    /// dropped.
     #[arg(long, default_value_t = 4096)]
     max_clients: usize,
 }
 
-impl Cli {
-    /// Each `--listen` with the `--upstream` given in the same place.
-    fn routes(&self) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
-        anyhow::ensure!(
-            self.listen.len() == self.upstream.len(),
-            "{} --listen but {} --upstream: give them in pairs",
-            self.listen.len(),
-            self.upstream.len()
-        );
-        Ok(self
-            .listen
-            .iter()
-            .copied()
-            .zip(self.upstream.iter().copied())
-            .collect())
+fn parse_client_upstream(arg: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let (client, upstream) = arg
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("expected CLIENT=UPSTREAM, got {arg:?}"))?;
+    Ok((client.parse()?, upstream.parse()?))
+}
+
+/// Where each client's datagrams go.
+#[derive(Debug, Clone)]
+struct Upstreams {
+    default: SocketAddr,
+    by_client: HashMap<SocketAddr, SocketAddr>,
+}
+
+impl Upstreams {
+    fn of(&self, client: SocketAddr) -> SocketAddr {
+        self.by_client.get(&client).copied().unwrap_or(self.default)
     }
 }
 
@@ -90,14 +95,10 @@ async fn reply_loop(socket: Arc<UdpSocket>, listen: Arc<UdpSocket>, client: Sock
     }
 }
 
-/// Forwards from `listen` to `upstream` and back, for at most
+/// Forwards from `listen` to each client's upstream and back, for at most
 /// `max_clients` client addresses, until a socket error on `listen`.
-async fn serve(listen: UdpSocket, upstream: SocketAddr, max_clients: usize) -> anyhow::Result<()> {
+async fn serve(listen: UdpSocket, upstreams: Upstreams, max_clients: usize) -> anyhow::Result<()> {
     let listen = Arc::new(listen);
-    let unspecified: SocketAddr = match upstream {
-        SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
-        SocketAddr::V6(_) => "[::]:0".parse()?,
-    };
     let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; BUFFER];
     loop {
@@ -106,6 +107,11 @@ async fn serve(listen: UdpSocket, upstream: SocketAddr, max_clients: usize) -> a
             Some(s) => s,
             None if clients.len() >= max_clients => continue,
             None => {
+                let upstream = upstreams.of(from);
+                let unspecified: SocketAddr = match upstream {
+                    SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+                    SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+                };
                 let socket = Arc::new(udp_socket(unspecified)?);
                 socket.connect(upstream).await?;
                 tokio::spawn(reply_loop(socket.clone(), listen.clone(), from));
@@ -118,23 +124,18 @@ async fn serve(listen: UdpSocket, upstream: SocketAddr, max_clients: usize) -> a
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let routes = cli.routes()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
     rt.block_on(async {
-        let mut serving = tokio::task::JoinSet::new();
-        for (listen, upstream) in routes {
-            let listen = udp_socket(listen)?;
-            // The bound address, for whoever started us with port 0.
-            println!("{}", listen.local_addr()?);
-            serving.spawn(serve(listen, upstream, cli.max_clients));
-        }
-        // The first route to fail ends the forwarder.
-        match serving.join_next().await {
-            Some(result) => result?,
-            None => Ok(()),
-        }
+        let listen = udp_socket(cli.listen)?;
+        // The bound address, for whoever started us with port 0.
+        println!("{}", listen.local_addr()?);
+        let upstreams = Upstreams {
+            default: cli.upstream,
+            by_client: cli.client_upstream.into_iter().collect(),
+        };
+        serve(listen, upstreams, cli.max_clients).await
     })
 }
 
@@ -152,49 +153,34 @@ mod tests {
         (buf[..n].to_vec(), from)
     }
 
-    #[test]
-    fn listen_and_upstream_come_in_pairs() {
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from([&["udp-forward"], args].concat())
-                .unwrap()
-                .routes()
-        };
-        let routes = parse(&[
-            "--listen",
-            "127.0.0.1:1",
-            "--upstream",
-            "127.0.0.1:2",
-            "--listen",
-            "127.0.0.1:3",
-            "--upstream",
-            "127.0.0.1:4",
-        ])
-        .unwrap();
-        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        assert_eq!(routes, [(addr(1), addr(2)), (addr(3), addr(4))]);
-        let uneven = parse(&[
-            "--listen",
-            "127.0.0.1:1",
-            "--listen",
-            "127.0.0.1:3",
-            "--upstream",
-            "127.0.0.1:2",
-        ]);
-        assert!(uneven.unwrap_err().to_string().contains("in pairs"));
-    }
-
     #[tokio::test]
     async fn each_client_gets_its_own_path_upstream_and_replies_come_back() {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let server = UdpSocket::bind(any).await.unwrap();
         let listen = udp_socket(any).unwrap();
         let listen_addr = listen.local_addr().unwrap();
-        tokio::spawn(serve(listen, server.local_addr().unwrap(), 2));
         let clients = [
             UdpSocket::bind(any).await.unwrap(),
             UdpSocket::bind(any).await.unwrap(),
             UdpSocket::bind(any).await.unwrap(),
         ];
+        // One client of its own goes to a server of its own.
+        let own_server = UdpSocket::bind(any).await.unwrap();
+        let own_client = UdpSocket::bind(any).await.unwrap();
+        let upstreams = Upstreams {
+            default: server.local_addr().unwrap(),
+            by_client: [(
+                own_client.local_addr().unwrap(),
+                own_server.local_addr().unwrap(),
+            )]
+            .into(),
+        };
+        tokio::spawn(serve(listen, upstreams, 3));
+        own_client.send_to(b"mine", listen_addr).await.unwrap();
+        let (data, from) = recv(&own_server).await;
+        assert_eq!(data, b"mine");
+        own_server.send_to(b"yours", from).await.unwrap();
+        assert_eq!(recv(&own_client).await, (b"yours".to_vec(), listen_addr));
         let mut seen_from = Vec::new();
         for (i, c) in clients[..2].iter().enumerate() {
             c.send_to(&[i as u8; 3], listen_addr).await.unwrap();
@@ -207,9 +193,40 @@ mod tests {
             assert_eq!(recv(c).await, (b"reply".to_vec(), listen_addr));
         }
         assert_ne!(seen_from[0], seen_from[1], "a socket upstream per client");
-        // A third client is over the limit: dropped, the others still served.
+        // A fourth client is over the limit: dropped, the others still served.
         clients[2].send_to(b"over", listen_addr).await.unwrap();
         clients[0].send_to(b"again", listen_addr).await.unwrap();
         assert_eq!(recv(&server).await, (b"again".to_vec(), seen_from[0]));
+    }
+
+    #[test]
+    fn a_client_upstream_is_two_addresses() {
+        let cli = Cli::try_parse_from([
+            "udp-forward",
+            "--listen",
+            "127.0.0.1:1",
+            "--upstream",
+            "127.0.0.1:2",
+            "--client-upstream",
+            "127.0.0.1:3=127.0.0.1:4",
+        ])
+        .unwrap();
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(cli.client_upstream, [(addr(3), addr(4))]);
+        for bad in ["127.0.0.1:3", "127.0.0.1:3=nowhere"] {
+            assert!(
+                Cli::try_parse_from([
+                    "udp-forward",
+                    "--listen",
+                    "127.0.0.1:1",
+                    "--upstream",
+                    "127.0.0.1:2",
+                    "--client-upstream",
+                    bad,
+                ])
+                .is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -456,44 +456,41 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts the plain forwarder the way the relays are started (same CPUs,
-/// same scheduling), with a route to each of `upstreams` (the load's sink,
-/// and the probe's); returns it (its address: the first route's) and where
-/// clients send for each route, in order.
+/// Starts the plain forwarder towards `upstream` the way the relays are
+/// started (same CPUs, same scheduling); the clients in `client_upstreams`
+/// (the probe's) go to upstreams of their own, through the same socket.
 fn start_forwarder(
     dir: &std::path::Path,
-    upstreams: &[std::net::SocketAddr],
+    upstream: std::net::SocketAddr,
+    client_upstreams: &[(std::net::SocketAddr, std::net::SocketAddr)],
     launch: &Launch,
-) -> anyhow::Result<(Spawned, Vec<std::net::SocketAddr>)> {
+) -> anyhow::Result<Spawned> {
     use std::io::BufRead;
     let log = std::fs::File::create(dir.join("udp-forward.log"))?;
     let mut command = launch.command(&sibling_binary("udp-forward")?);
-    for upstream in upstreams {
-        command
-            .args(["--listen", "127.0.0.1:0", "--upstream"])
-            .arg(upstream.to_string());
+    command
+        .args(["--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string());
+    for (client, upstream) in client_upstreams {
+        command.arg(format!("--client-upstream={client}={upstream}"));
     }
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()?;
-    // It picks its own ports and prints them once bound: no port chosen
-    // here can be taken by another socket before it binds, and nothing
-    // connects before it listens.
+    // It picks its own port and prints it once bound: no port chosen here
+    // can be taken by another socket before it binds, and nothing connects
+    // before it listens.
+    let mut line = String::new();
     let stdout = child.stdout.take().context("udp-forward's stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let mut entries = Vec::new();
-    for _ in upstreams {
-        let line = lines.next().transpose()?.unwrap_or_default();
-        entries.push(line.trim().parse().with_context(|| {
-            format!(
-                "udp-forward did not start (printed {line:?}; see {})",
-                dir.join("udp-forward.log").display()
-            )
-        })?);
-    }
-    let addr = *entries.first().context("udp-forward needs a route")?;
-    Ok((Spawned { child, addr }, entries))
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line.trim().parse().with_context(|| {
+        format!(
+            "udp-forward did not start (printed {line:?}; see {})",
+            dir.join("udp-forward.log").display()
+        )
+    })?;
+    Ok(Spawned { child, addr })
 }
 
 /// Starts coturn on a port of its own, the way the relays are started:
@@ -1087,6 +1084,12 @@ impl ProbeThread {
         let sink = start_sink(dir, recorder.clone(), epoch)?.local_addr()?;
         Ok((recorder, sink))
     }
+
+    /// A subscriber's and a publisher's endpoint driven by this thread.
+    fn client_endpoints(&self) -> anyhow::Result<[quinn::Endpoint; 2]> {
+        let _runtime = self.handle.enter();
+        Ok([client_endpoint()?, client_endpoint()?])
+    }
 }
 
 impl Drop for ProbeThread {
@@ -1411,16 +1414,16 @@ struct Targets {
 }
 
 /// Connects the publisher/subscriber pair `name` (its channel too) on every
-/// path of `to`, on the calling runtime; the media the subscriber receives
-/// is recorded into `relayed`.
+/// path of `to`, from the subscriber's and the publisher's endpoints (each
+/// client on its own socket, as on separate machines); the media the
+/// subscriber receives is recorded into `relayed`.
 async fn connect_pair(
     name: String,
     to: Targets,
+    [sub_endpoint, pub_endpoint]: [quinn::Endpoint; 2],
     relayed: Arc<Recorder>,
     epoch: Instant,
 ) -> anyhow::Result<Pair> {
-    // Every client has its own socket, as on separate machines.
-    let (sub_endpoint, pub_endpoint) = (client_endpoint()?, client_endpoint()?);
     let subscriber_port = sub_endpoint.local_addr()?.port();
     let mut sub = connect_session(&sub_endpoint, &to.config, to.subscribe_to).await?;
     sub.join(
@@ -1486,8 +1489,8 @@ impl Bench {
         let direct = Recorder::new(PAIRED_EVERY)?;
         let sink = start_sink(dir, direct.clone(), epoch)?;
         let sink_addr = sink.local_addr()?;
-        // The probe's sinks run on its thread, and exist before the
-        // forwarder that routes to one starts.
+        // The probe's sinks and clients run on its thread, and exist before
+        // the forwarder that routes its publisher to its sink starts.
         let probe_thread = match cli.probe_rate {
             0 => None,
             _ => Some(ProbeThread::start(probes_realtime)?),
@@ -1496,6 +1499,14 @@ impl Bench {
             .as_ref()
             .map(|t| t.sink(dir, epoch))
             .transpose()?;
+        let probe_endpoints = probe_thread
+            .as_ref()
+            .map(ProbeThread::client_endpoints)
+            .transpose()?;
+        let probe_publisher = match &probe_endpoints {
+            Some([_, publisher]) => Some(publisher.local_addr()?),
+            None => None,
+        };
         let mut baselines = Vec::new();
         // Per baseline when probing: where the probe sends, its sink.
         let mut probe_routes = Vec::new();
@@ -1511,22 +1522,20 @@ impl Bench {
                 .transpose()?;
             let process = match path {
                 Path::Forwarded => {
-                    let mut upstreams = vec![sink];
-                    upstreams.extend(probe_sink.as_ref().map(|(_, sink)| *sink));
-                    let (process, entries) = start_forwarder(dir, &upstreams, launch)?;
-                    if let Some((recorder, sink)) = probe_sink {
-                        probe_routes.push((path, entries[1], sink, recorder));
-                    }
-                    process
+                    // The probe's publisher goes to the probe's sink,
+                    // through the socket the load uses.
+                    let probe_upstream: Vec<_> = probe_publisher
+                        .zip(probe_sink.as_ref().map(|(_, sink)| *sink))
+                        .into_iter()
+                        .collect();
+                    start_forwarder(dir, sink, &probe_upstream, launch)?
                 }
-                _ => {
-                    let process = start_coturn(dir, &cli.turnserver, launch)?;
-                    if let Some((recorder, sink)) = probe_sink {
-                        probe_routes.push((path, process.addr, sink, recorder));
-                    }
-                    process
-                }
+                // The probe's TURN allocation names its own sink.
+                _ => start_coturn(dir, &cli.turnserver, launch)?,
             };
+            if let Some((recorder, sink)) = probe_sink {
+                probe_routes.push((path, process.addr, sink, recorder));
+            }
             baselines.push(Baseline {
                 path,
                 process,
@@ -1550,10 +1559,12 @@ impl Bench {
         let mut pairs = Vec::new();
         for i in 0..cli.pairs {
             let name = format!("bench-{i}");
-            pairs.push(connect_pair(name, targets.clone(), relayed.clone(), epoch).await?);
+            let endpoints = [client_endpoint()?, client_endpoint()?];
+            let pair = connect_pair(name, targets.clone(), endpoints, relayed.clone(), epoch);
+            pairs.push(pair.await?);
         }
-        let probe = match (probe_thread, probe_direct) {
-            (Some(thread), Some((direct, direct_sink))) => {
+        let probe = match (probe_thread, probe_direct, probe_endpoints) {
+            (Some(thread), Some((direct, direct_sink)), Some(endpoints)) => {
                 let relayed = Recorder::new(1)?;
                 let to = Targets {
                     direct_sink,
@@ -1564,10 +1575,8 @@ impl Bench {
                     ..targets
                 };
                 // On the probe's thread, so that its clients are driven there.
-                let pair = thread
-                    .handle
-                    .spawn(connect_pair("probe".into(), to, relayed.clone(), epoch))
-                    .await??;
+                let connect = connect_pair("probe".into(), to, endpoints, relayed.clone(), epoch);
+                let pair = thread.handle.spawn(connect).await??;
                 Some(Probe {
                     rate: cli.probe_rate,
                     realtime: probes_realtime,
