@@ -22,8 +22,10 @@
 //! - the latency the path adds under the load, measured beside it: a
 //!   publisher/subscriber pair of its own, on real-time threads above the
 //!   load's, sends `--probe-rate` probes/s on the path and on its direct
-//!   connection at once (see [`Probe`]): free of the generator's own
-//!   stalls, at any rate the load runs at.
+//!   connection at once (see [`Probe`]): free of the generator's delays
+//!   in sending and reading the probes, at any rate the load runs at
+//!   (not of the bursts its stalls put into the load, which the path
+//!   must drain).
 //!
 //! `--sweep` raises the rate until loss appears or the relay cannot keep
 //! up, then measures the added latency at half of that maximum.
@@ -233,7 +235,8 @@ struct Cli {
     /// rounds by a publisher/subscriber pair of their own on real-time
     /// threads (as root or with CAP_SYS_NICE), each on the measured path
     /// and on the direct path at once: the latency the path adds at the
-    /// load's rate, whatever the generator's own scheduling. 0: no probes.
+    /// load's rate, without the generator's own delays in sending and
+    /// reading them. 0: no probes.
     #[arg(long, default_value_t = 1000)]
     probe_rate: u64,
     /// coturn's server binary (Debian package `coturn`).
@@ -1112,7 +1115,10 @@ impl Drop for ProbeThread {
 /// thousand per second). The forwarder handles the probes among the load's
 /// datagrams, so path minus direct arrival, probe by probe, is what the
 /// path adds at the load's rate, including at rates the real-time
-/// generator cannot drive.
+/// generator cannot drive. What the load itself is stays the generator's:
+/// under the normal policy its stalls hold back every client's datagrams
+/// at once and release them as one burst, and a probe behind such a burst
+/// waits for the path to drain it.
 struct Probe {
     rate: u64,
     /// Whether its threads run under SCHED_FIFO.
@@ -2070,7 +2076,9 @@ fn print_added(a: &Added, by: &str) {
     }
     if a.direct.p99_us > HOST_NOISE_P99_US {
         let finer = match a.probed.as_ref().is_some_and(|p| p.realtime) {
-            true => "the probed figure does not depend on the generator's scheduling",
+            true => {
+                "the probed figure is free of the generator's delays, not of the bursts they put into the load"
+            }
             false => {
                 "the paired figure takes out part of the generator's; real-time probes (as root) take them out"
             }
