@@ -201,32 +201,22 @@ mod tests {
 
     #[test]
     fn a_client_upstream_is_two_addresses() {
-        let cli = Cli::try_parse_from([
-            "udp-forward",
-            "--listen",
-            "127.0.0.1:1",
-            "--upstream",
-            "127.0.0.1:2",
-            "--client-upstream",
-            "127.0.0.1:3=127.0.0.1:4",
-        ])
-        .unwrap();
+        let parse = |client_upstream: &str| {
+            Cli::try_parse_from([
+                "udp-forward",
+                "--listen",
+                "127.0.0.1:1",
+                "--upstream",
+                "127.0.0.1:2",
+                "--client-upstream",
+                client_upstream,
+            ])
+        };
         let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let cli = parse("127.0.0.1:3=127.0.0.1:4").unwrap();
         assert_eq!(cli.client_upstream, [(addr(3), addr(4))]);
         for bad in ["127.0.0.1:3", "127.0.0.1:3=nowhere"] {
-            assert!(
-                Cli::try_parse_from([
-                    "udp-forward",
-                    "--listen",
-                    "127.0.0.1:1",
-                    "--upstream",
-                    "127.0.0.1:2",
-                    "--client-upstream",
-                    bad,
-                ])
-                .is_err(),
-                "{bad}"
-            );
+            assert!(parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -1797,8 +1797,8 @@ impl Bench {
     /// kept up with, if any.
     async fn sweep(&self, path: Path, measured: &mut Measured) -> anyhow::Result<Option<u64>> {
         let mut sweep = Sweep::new();
-        let mut rate = sweep.rate;
         loop {
+            let rate = sweep.rate;
             let mut r = self.result(&self.run(path, rate, self.duration, false).await?);
             print(&r);
             if r.keeps_up_but_for_stalls() && r.p99_us >= SATURATED_P99_US {
@@ -1819,14 +1819,11 @@ impl Bench {
             let keeps_up = r.keeps_up();
             let generator_saturated = self.generator_saturated(&r);
             measured.runs.push(r);
-            match sweep.next(keeps_up, generator_saturated) {
-                Some(next) => {
-                    if !keeps_up {
-                        println!("did not keep up at {rate}/s: trying that rate once more");
-                    }
-                    rate = next;
-                }
-                None => break,
+            if sweep.next(keeps_up, generator_saturated).is_none() {
+                break;
+            }
+            if !keeps_up {
+                println!("did not keep up at {rate}/s: trying that rate once more");
             }
         }
         match sweep.best {
