@@ -19,6 +19,11 @@
 //!   latency the relays added to those datagrams, with part of the load
 //!   generator's own stalls (those that delay both copies alike) taken
 //!   out;
+//! - the shape of the load: in the added-latency rounds, a datagram the
+//!   pacer reaches more than `--max-lateness-us` late is shed, not sent
+//!   (counted): one thread stands in for all the publishers, and sending
+//!   all it owes after a stall of its own would be a burst of every client
+//!   at once, which independent clients do not make;
 //! - the latency the path adds under the load, measured beside it: a
 //!   publisher/subscriber pair of its own, on real-time threads above the
 //!   load's, sends `--probe-rate` probes/s on the path and on its direct
@@ -239,6 +244,16 @@ struct Cli {
     /// reading them. 0: no probes.
     #[arg(long, default_value_t = 1000)]
     probe_rate: u64,
+    /// In the added-latency rounds, the pacer sheds (does not send) a
+    /// datagram it reaches more than this many microseconds after it was
+    /// due; 0: it sends every datagram, however late. One thread stands in
+    /// for all the publishers: when it is held up, sending all it owes at
+    /// once would be a burst of every client together, which independent
+    /// clients do not make and which the path would have to drain. What it
+    /// sheds is counted, and a warning says when it is over 1 %. The
+    /// sweep's runs send every datagram (their figure is a throughput).
+    #[arg(long, default_value_t = 250)]
+    max_lateness_us: u64,
     /// coturn's server binary (Debian package `coturn`).
     #[arg(long, default_value = "turnserver")]
     turnserver: PathBuf,
@@ -740,6 +755,8 @@ struct Sample {
     path: Path,
     rate: u64,
     sent: u64,
+    /// Datagrams the pacer shed, too late to send (see [`Schedule`]).
+    shed: u64,
     received: u64,
     /// Sending time.
     send_seconds: f64,
@@ -770,6 +787,7 @@ struct Sample {
 impl Sample {
     fn merge(&mut self, other: &Sample) {
         self.sent += other.sent;
+        self.shed += other.shed;
         self.received += other.received;
         self.send_seconds += other.send_seconds;
         self.seconds += other.seconds;
@@ -804,6 +822,7 @@ impl Sample {
             path: self.path.name(topology),
             offered_rate: self.rate,
             sent: self.sent,
+            generator_shed: self.shed,
             sent_per_s: self.sent as f64 / self.send_seconds,
             received: self.received,
             loss: if self.sent == 0 {
@@ -844,6 +863,10 @@ struct RunResult {
     path: String,
     offered_rate: u64,
     sent: u64,
+    /// Datagrams the load generator's pacer reached too late and shed
+    /// rather than send in a burst (added-latency rounds only; see
+    /// `--max-lateness-us`).
+    generator_shed: u64,
     /// Achieved sending rate (below the offered one when the load
     /// generator cannot keep up).
     sent_per_s: f64,
@@ -1014,6 +1037,8 @@ struct Report {
     realtime: bool,
     /// Whether the load generator's threads did.
     generator_realtime: bool,
+    /// `--max-lateness-us` (0: the pacer shed nothing).
+    max_lateness_us: u64,
     /// Latency probes per second beside the load (0: none).
     probe_rate: u64,
     /// Whether the probes' threads ran under SCHED_FIFO.
@@ -1185,7 +1210,12 @@ fn start_probes(
         if realtime {
             make_thread_realtime(PROBE_PACER_PRIORITY);
         }
-        pace(&[path], &[direct], 1, rate, duration, size, epoch)
+        let schedule = Schedule {
+            rate,
+            duration,
+            max_lateness: None,
+        };
+        pace(&[path], &[direct], 1, schedule, size, epoch).sent
     });
     ProbeRun {
         pacer,
@@ -1297,6 +1327,8 @@ struct Bench {
     placement: Placement,
     /// Whether the generator's threads run under SCHED_FIFO.
     generator_realtime: bool,
+    /// `--max-lateness-us`, in the added-latency rounds.
+    max_lateness: Option<Duration>,
     /// The latency probe beside the load (none with `--probe-rate 0`).
     probe: Option<Probe>,
 }
@@ -1610,6 +1642,10 @@ impl Bench {
             ticks: clock_ticks(),
             placement,
             generator_realtime,
+            max_lateness: match cli.max_lateness_us {
+                0 => None,
+                us => Some(Duration::from_micros(us)),
+            },
         })
     }
 
@@ -1714,19 +1750,18 @@ impl Bench {
         }
         .and_then(|p| p.start(via, duration, size, epoch));
         let realtime = self.generator_realtime;
-        let sent = tokio::task::spawn_blocking(move || {
+        // The sweep's runs send every datagram: their figure is a
+        // throughput.
+        let schedule = Schedule {
+            rate,
+            duration,
+            max_lateness: self.max_lateness.filter(|_| paired),
+        };
+        let paced = tokio::task::spawn_blocking(move || {
             if realtime {
                 make_thread_realtime(PACER_PRIORITY);
             }
-            pace(
-                &senders,
-                &also_direct,
-                PAIRED_EVERY,
-                rate,
-                duration,
-                size,
-                epoch,
-            )
+            pace(&senders, &also_direct, PAIRED_EVERY, schedule, size, epoch)
         })
         .await?;
         let send_seconds = started.elapsed().as_secs_f64();
@@ -1743,7 +1778,8 @@ impl Bench {
         Ok(Sample {
             path,
             rate,
-            sent,
+            sent: paced.sent,
+            shed: paced.shed,
             received,
             send_seconds,
             seconds,
@@ -1789,7 +1825,15 @@ impl Bench {
                 r.generator_receive_drops
             );
         }
-        busy || dropping || r.generator_receive_drops > 0
+        let due = r.sent + r.generator_shed;
+        let shedding = r.generator_shed as f64 > 0.01 * due as f64;
+        if shedding {
+            println!(
+                "warning: the load generator's pacer was too late for {} of the {} datagrams due and shed them: this run offered {:.0}/s, not {}/s",
+                r.generator_shed, due, r.sent_per_s, r.offered_rate
+            );
+        }
+        busy || dropping || r.generator_receive_drops > 0 || shedding
     }
 
     /// Raises the rate on `path` until it no longer keeps up (or the load
@@ -1965,32 +2009,88 @@ impl Sender {
     }
 }
 
-/// Sends `rate` datagrams/s for `duration`, spread evenly in time and over
-/// the publishers in turn, as independent clients would (a pacer sleeps
-/// whenever it is ahead of schedule by more than [`PACE_SLACK`], so bursts
-/// stay within a fraction of a millisecond). Each payload starts with its
-/// send time and its sequence number. When `also` has a sender per
+/// When a run's datagrams are due, and what the pacer does with one it
+/// reaches: the pacing decisions, apart from clocks and sockets.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    rate: u64,
+    duration: Duration,
+    /// A datagram the pacer reaches later than this after it was due is
+    /// shed, not sent; none: every datagram is sent, however late.
+    max_lateness: Option<Duration>,
+}
+
+/// What the pacer does with a datagram.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// Sleep this long: it is not due yet.
+    Wait(Duration),
+    Send,
+    /// Drop it unsent: it is too late.
+    Shed,
+}
+
+impl Schedule {
+    fn total(&self) -> u64 {
+        (self.rate as f64 * self.duration.as_secs_f64()) as u64
+    }
+
+    /// When the `k`th datagram is due, after the start.
+    fn due(&self, k: u64) -> Duration {
+        Duration::from_secs_f64(k as f64 / self.rate as f64)
+    }
+
+    /// What to do with the `k`th datagram `elapsed` after the start: wait
+    /// when it is due more than [`PACE_SLACK`] later, so that the pacer
+    /// sends in bursts of at most that much of the schedule while it keeps
+    /// up; when it is late, send it, or shed it if it is later than
+    /// `max_lateness`.
+    fn step(&self, k: u64, elapsed: Duration) -> Step {
+        let due = self.due(k);
+        if due > elapsed + PACE_SLACK {
+            return Step::Wait(due - elapsed);
+        }
+        match self.max_lateness {
+            Some(max) if elapsed > due + max => Step::Shed,
+            _ => Step::Send,
+        }
+    }
+}
+
+/// How many datagrams a pacer sent and shed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Paced {
+    sent: u64,
+    shed: u64,
+}
+
+/// Sends `schedule`'s datagrams, spread evenly in time and over the
+/// publishers in turn (see [`Schedule::step`]). Each payload starts with
+/// its send time and its sequence number. When `also` has a sender per
 /// publisher, every `paired_every`th datagram is sent on it too, right
 /// before or after (in turn, so that neither copy has the head start).
-/// Returns how many were sent on `senders`.
+/// Counts what was sent on `senders`, and what was shed.
 fn pace(
     senders: &[Sender],
     also: &[Sender],
     paired_every: u64,
-    rate: u64,
-    duration: Duration,
+    schedule: Schedule,
     size: usize,
     epoch: Instant,
-) -> u64 {
+) -> Paced {
     let mut payload = vec![0u8; size.max(16)];
     let started = Instant::now();
-    let total = (rate as f64 * duration.as_secs_f64()) as u64;
-    let mut sent = 0;
-    for k in 0..total {
-        let due = started + Duration::from_secs_f64(k as f64 / rate as f64);
-        let now = Instant::now();
-        if due > now + PACE_SLACK {
-            std::thread::sleep(due - now);
+    let mut paced = Paced::default();
+    for k in 0..schedule.total() {
+        let step = loop {
+            match schedule.step(k, started.elapsed()) {
+                Step::Wait(d) => std::thread::sleep(d),
+                step => break step,
+            }
+        };
+        if step == Step::Shed {
+            paced.shed += 1;
+            continue;
         }
         let stamp = epoch.elapsed().as_nanos() as u64;
         payload[..8].copy_from_slice(&stamp.to_be_bytes());
@@ -2001,17 +2101,17 @@ fn pace(
         if let Some(a) = also.filter(|_| also_first) {
             a.send(&payload);
         }
-        sent += u64::from(senders[publisher].send(&payload));
+        paced.sent += u64::from(senders[publisher].send(&payload));
         if let Some(a) = also.filter(|_| !also_first) {
             a.send(&payload);
         }
     }
-    sent
+    paced
 }
 
 fn print(r: &RunResult) {
     println!(
-        "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} % (generator: {} unsent, {} packets dropped on receipt)  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
+        "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} % (generator: {} shed late, {} unsent, {} packets dropped on receipt)  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
          {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us  (load generator {:.2} cores)  \
          steal {:.1} % of the relays' CPU, {:.1} % of the generator's",
         r.path,
@@ -2020,6 +2120,7 @@ fn print(r: &RunResult) {
         r.sent_per_s,
         r.received,
         100.0 * r.loss,
+        r.generator_shed,
         r.generator_dropped,
         r.generator_receive_drops,
         r.forwarded_per_s,
@@ -2265,6 +2366,7 @@ fn main() -> anyhow::Result<()> {
         let report = Report {
             realtime,
             generator_realtime,
+            max_lateness_us: cli.max_lateness_us,
             probe_rate: cli.probe_rate,
             probes_realtime,
             relays,
@@ -2303,6 +2405,7 @@ mod tests {
             path,
             rate: 1000,
             sent,
+            shed: 0,
             received: latencies_us.len() as u64,
             send_seconds: 1.0,
             seconds: 1.25,
@@ -2369,11 +2472,15 @@ mod tests {
             &sender,
             &[],
             PAIRED_EVERY,
-            1000,
-            Duration::from_millis(100),
+            Schedule {
+                rate: 1000,
+                duration: Duration::from_millis(100),
+                max_lateness: None,
+            },
             200,
             epoch,
-        );
+        )
+        .sent;
         let deadline = Instant::now() + Duration::from_secs(5);
         while recorder.received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -2405,11 +2512,15 @@ mod tests {
             &[Sender::Direct(to_path.clone())],
             &[Sender::Direct(to_direct.clone())],
             PAIRED_EVERY,
-            1000,
-            Duration::from_millis(100),
+            Schedule {
+                rate: 1000,
+                duration: Duration::from_millis(100),
+                max_lateness: None,
+            },
             200,
             epoch,
-        );
+        )
+        .sent;
         assert_eq!(sent, 100);
         // Sequence numbers 0, 8, ..., 96 were sent on the direct path too.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -2511,6 +2622,40 @@ mod tests {
         assert_eq!(r.forwarded_per_s, 2018.0, "1009 delivered, twice each");
         let probed = s.probe.unwrap().result(1000, true);
         assert_eq!((probed.lost, probed.added.unwrap().p99_us), (1, 1.0));
+    }
+
+    /// The pacer's decisions: it waits while a datagram is not due, sends
+    /// it when due or late, and sheds it when later than the bound (never
+    /// without one). After a stall it sends only the bound's worth at once.
+    #[test]
+    fn the_pacer_waits_sends_and_sheds_what_is_too_late() {
+        let (ms, us) = (Duration::from_millis, Duration::from_micros);
+        let strict = Schedule {
+            rate: 1000,
+            duration: Duration::from_secs(1),
+            max_lateness: Some(us(500)),
+        };
+        assert_eq!(strict.total(), 1000);
+        // The 10th is due at 10 ms; within the slack it goes early.
+        assert_eq!(strict.step(10, ms(5)), Step::Wait(ms(5)));
+        assert_eq!(strict.step(10, ms(10) - PACE_SLACK), Step::Send);
+        assert_eq!(strict.step(10, ms(10) + us(500)), Step::Send);
+        assert_eq!(strict.step(10, ms(10) + us(501)), Step::Shed);
+        let lenient = Schedule {
+            max_lateness: None,
+            ..strict
+        };
+        assert_eq!(lenient.step(10, Duration::from_secs(10)), Step::Send);
+        // At 100,000/s, 20 ms into a stall: 2,000 are due, the last 50
+        // (0.5 ms of the schedule) are sent, the rest shed.
+        let fast = Schedule {
+            rate: 100_000,
+            ..strict
+        };
+        let steps: Vec<Step> = (0..2000).map(|k| fast.step(k, ms(20))).collect();
+        let sent = steps.iter().filter(|s| **s == Step::Send).count();
+        assert_eq!(sent, 50);
+        assert!(steps[..1950].iter().all(|s| *s == Step::Shed));
     }
 
     #[test]
