@@ -851,6 +851,11 @@ impl Sample {
             p99_us: self.histogram.value_at_quantile(0.99) as f64,
             max_us: self.histogram.max() as f64,
             direct_p99_us: None,
+            probed_p99_us: self
+                .probe
+                .as_ref()
+                .and_then(|p| PairedAdded::from_differences(&p.paired_ns))
+                .map(|added| added.p99_us),
         }
     }
 }
@@ -904,22 +909,33 @@ struct RunResult {
     /// after it.
     #[serde(skip_serializing_if = "Option::is_none")]
     direct_p99_us: Option<f64>,
+    /// With probes beside the load: the latency the path added to them at
+    /// p99 (see [`Probe`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probed_p99_us: Option<f64>,
 }
 
 impl RunResult {
     /// Whether the path kept up with the offered rate: no loss, the
     /// generator sent what it offered, and neither a standing queue nor
     /// long stalls (deep socket buffers turn overload into delay before
-    /// loss). When the direct path stalled too at the same rate, stalls
-    /// outside the path (the generator's scheduling, the host's) are taken
-    /// out: what the path adds to the p99 must stay under the bound (a
-    /// relay that drains a backlog slowly still fails).
+    /// loss). Stalls are judged by the probes when there are any: what the
+    /// path added to them at p99 must stay under the bound. Without, by
+    /// the load's p99; when the direct path stalled too at the same rate,
+    /// stalls outside the path (the generator's scheduling, the host's)
+    /// are taken out: what the path adds to the p99 must stay under the
+    /// bound (a relay that drains a backlog slowly still fails).
     fn keeps_up(&self) -> bool {
         self.keeps_up_but_for_stalls()
-            && (self.p99_us < SATURATED_P99_US
-                || self
-                    .direct_p99_us
-                    .is_some_and(|d| self.p99_us - d < SATURATED_P99_US))
+            && match self.probed_p99_us {
+                Some(probed) => probed < SATURATED_P99_US,
+                None => {
+                    self.p99_us < SATURATED_P99_US
+                        || self
+                            .direct_p99_us
+                            .is_some_and(|d| self.p99_us - d < SATURATED_P99_US)
+                }
+            }
     }
 
     /// No loss, the offered rate sent, no standing queue.
@@ -1744,11 +1760,12 @@ impl Bench {
         let receivers = self.receive_ports(via);
         let drops_before = udp_drops(&receivers)?;
         let (epoch, size) = (self.epoch, self.size);
-        let probes = match paired {
-            true => self.probe.as_ref(),
-            false => None,
-        }
-        .and_then(|p| p.start(via, duration, size, epoch));
+        // In the sweep's runs too: they tell the path's stalls from the
+        // generator's.
+        let probes = self
+            .probe
+            .as_ref()
+            .and_then(|p| p.start(via, duration, size, epoch));
         let realtime = self.generator_realtime;
         // The sweep's runs send every datagram: their figure is a
         // throughput.
@@ -1845,7 +1862,10 @@ impl Bench {
             let rate = sweep.rate;
             let mut r = self.result(&self.run(path, rate, self.duration, false).await?);
             print(&r);
-            if r.keeps_up_but_for_stalls() && r.p99_us >= SATURATED_P99_US {
+            if r.keeps_up_but_for_stalls()
+                && r.p99_us >= SATURATED_P99_US
+                && r.probed_p99_us.is_none()
+            {
                 // Stalls of the path, or of the host? The direct path has
                 // no relay to stall.
                 let direct =
@@ -2113,7 +2133,7 @@ fn print(r: &RunResult) {
     println!(
         "{:<6} offered {:>7}/s  sent {:>8} ({:>7.0}/s)  received {:>8}  loss {:>6.3} % (generator: {} shed late, {} unsent, {} packets dropped on receipt)  forwarded {:>8.0}/s  relay CPU {:.2} cores  \
          {:.2} CPU-s per million  {:>7.0}/s per core  latency p50 {:.0} us p99 {:.0} us max {:.0} us  (load generator {:.2} cores)  \
-         steal {:.1} % of the relays' CPU, {:.1} % of the generator's",
+         steal {:.1} % of the relays' CPU, {:.1} % of the generator's{}",
         r.path,
         r.offered_rate,
         r.sent,
@@ -2133,6 +2153,10 @@ fn print(r: &RunResult) {
         r.loadgen_cores,
         100.0 * r.relay_cpu_steal,
         100.0 * r.generator_cpu_steal,
+        match r.probed_p99_us {
+            Some(p) => format!("  probes: added p99 {p:.0} us"),
+            None => String::new(),
+        },
     );
 }
 
@@ -2826,6 +2850,16 @@ mod tests {
         let mut queued = queued;
         queued.direct_p99_us = Some(40_000.0);
         assert!(!queued.keeps_up());
+        // With probes, they judge the stalls: the load's tail is the
+        // generator's when the probes crossed the path quickly.
+        stalled.direct_p99_us = None;
+        stalled.probed_p99_us = Some(2_000.0);
+        assert!(stalled.keeps_up(), "the generator's stalls");
+        stalled.probed_p99_us = Some(12_000.0);
+        assert!(!stalled.keeps_up(), "the path's stalls");
+        let mut ok = r;
+        ok.probed_p99_us = Some(12_000.0);
+        assert!(!ok.keeps_up(), "the probes stalled in the path");
     }
 
     #[test]
