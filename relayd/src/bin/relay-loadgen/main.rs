@@ -236,12 +236,13 @@ struct Cli {
     /// allocation and channel of its own.
     #[arg(long)]
     coturn: bool,
-    /// Latency probes per second, sent beside the load in the added-latency
-    /// rounds by a publisher/subscriber pair of their own on real-time
-    /// threads (as root or with CAP_SYS_NICE), each on the measured path
-    /// and on the direct path at once: the latency the path adds at the
-    /// load's rate, without the generator's own delays in sending and
-    /// reading them. 0: no probes.
+    /// Latency probes per second, sent beside the load (in the sweep's
+    /// runs and the added-latency rounds) by a publisher/subscriber pair
+    /// of their own on real-time threads (as root or with CAP_SYS_NICE),
+    /// each on the measured path and on the direct path at once: the
+    /// latency the path adds at the load's rate, without the generator's
+    /// own delays in sending and reading them. The sweep judges a path's
+    /// stalls by them. 0: no probes.
     #[arg(long, default_value_t = 1000)]
     probe_rate: u64,
     /// In the added-latency rounds, the pacer sheds (does not send) a
