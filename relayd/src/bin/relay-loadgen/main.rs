@@ -939,6 +939,15 @@ impl RunResult {
             }
     }
 
+    /// Whether only a direct run at the same rate can tell whose stalls
+    /// these were: the run failed on its p99 alone, with no probes to
+    /// judge by (see [`RunResult::keeps_up`]).
+    fn needs_direct_run(&self) -> bool {
+        self.probed_p99_us.is_none()
+            && self.keeps_up_but_for_stalls()
+            && self.p99_us >= SATURATED_P99_US
+    }
+
     /// No loss, the offered rate sent, no standing queue.
     fn keeps_up_but_for_stalls(&self) -> bool {
         self.loss < 0.001
@@ -1147,8 +1156,9 @@ impl Drop for ProbeThread {
 }
 
 /// Latency under load, measured the way latency-under-load tests (flent's
-/// RRUL, irtt beside a bulk transfer) measure it: in the added-latency
-/// rounds, beside the load, a publisher/subscriber pair of its own sends
+/// RRUL, irtt beside a bulk transfer) measure it: in every run on a path
+/// other than the direct one (the sweep's and the added-latency rounds),
+/// beside the load, a publisher/subscriber pair of its own sends
 /// `rate` datagrams/s on the measured path, each also on its direct
 /// connection at the same moment. Its clients and sinks run on a
 /// [`ProbeThread`], its pacer on a real-time thread below them, so a probe
@@ -1863,10 +1873,7 @@ impl Bench {
             let rate = sweep.rate;
             let mut r = self.result(&self.run(path, rate, self.duration, false).await?);
             print(&r);
-            if r.keeps_up_but_for_stalls()
-                && r.p99_us >= SATURATED_P99_US
-                && r.probed_p99_us.is_none()
-            {
+            if r.needs_direct_run() {
                 // Stalls of the path, or of the host? The direct path has
                 // no relay to stall.
                 let direct =
@@ -2079,7 +2086,7 @@ impl Schedule {
 }
 
 /// How many datagrams a pacer sent and shed.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Paced {
     sent: u64,
     shed: u64,
@@ -2840,6 +2847,7 @@ mod tests {
         stalled.extend([50_000; 20]);
         let mut stalled = sample(Path::Relayed, &stalled, 1000).result(Topology::Single, 1);
         assert!(!stalled.keeps_up(), "long stalls");
+        assert!(stalled.needs_direct_run() && !queued.needs_direct_run());
         // Unless the direct path stalled nearly as long at that rate.
         stalled.direct_p99_us = Some(2_000.0);
         assert!(!stalled.keeps_up(), "the relay's stalls");
@@ -2855,6 +2863,7 @@ mod tests {
         // generator's when the probes crossed the path quickly.
         stalled.direct_p99_us = None;
         stalled.probed_p99_us = Some(2_000.0);
+        assert!(!stalled.needs_direct_run(), "the probes judge");
         assert!(stalled.keeps_up(), "the generator's stalls");
         stalled.probed_p99_us = Some(12_000.0);
         assert!(!stalled.keeps_up(), "the path's stalls");
