@@ -2,16 +2,18 @@
 //!
 //! One QUIC endpoint serves two ALPNs: clients (`edge-relay/1`, token
 //! authentication) and peer relays (`edge-relay-peer/1`, mutual TLS under
-//! the cluster CA). Connection tasks only move bytes: they read frames and
-//! datagrams and hand them to the single task that owns the [`Relay`] core,
-//! which executes the core's actions on the connections. Peers with a
-//! higher id are dialled (with backoff); lower ids dial us, so each pair
-//! has one connection.
+//! the cluster CA). The connection tasks read frames and datagrams and hand
+//! each to the [`Relay`] core themselves, under a lock, then carry out the
+//! core's actions on the connections at once: a datagram is forwarded by
+//! the task that read it, with no queue and no task switch between reading
+//! and sending. One more task runs the core's timers. Peers with a higher
+//! id are dialled (with backoff); lower ids dial us, so each pair has one
+//! connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -24,7 +26,7 @@ use relay_core::{Action, ClientId, Relay, RelayId, Stats};
 use relay_net::framing::{FrameError, read_frame, spawn_writer};
 use relay_net::quic::{bind_udp, media_transport};
 use relay_net::tls::{check_name, negotiated_alpn, peer_certificate, relay_name};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use topology::RouteTable;
@@ -35,16 +37,14 @@ use crate::metrics::RelayMetrics;
 
 /// Frames queued per connection before a slow reader is closed.
 const WRITER_QUEUE: usize = 1024;
-/// Inputs queued for the core.
-const INPUT_QUEUE: usize = 8192;
 /// How long a new connection may take to open its control stream.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one dial attempt may take before it is retried.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What connection tasks and the handle tell the core task.
+/// What connection tasks tell the core.
 #[derive(Debug)]
-pub enum Input {
+enum Input {
     ClientConnected {
         id: ClientId,
         conn: quinn::Connection,
@@ -62,11 +62,6 @@ pub enum Input {
     PeerFrame(RelayId, usize, Bytes),
     PeerDatagram(RelayId, usize, Bytes),
     PeerDisconnected(RelayId, usize),
-    SetRoutes(RouteTable, oneshot::Sender<bool>),
-    SetApps(HashMap<String, Vec<u8>>),
-    SetDraining(bool),
-    Drain(oneshot::Sender<()>),
-    Snapshot(oneshot::Sender<Snapshot>),
 }
 
 /// A point-in-time view of the relay for status and tests.
@@ -89,8 +84,8 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct RelayHandle {
     endpoint: quinn::Endpoint,
-    inputs: mpsc::Sender<Input>,
-    core: JoinHandle<()>,
+    core: CoreRef,
+    timers: JoinHandle<()>,
     id: RelayId,
     peers: Arc<PeerRegistry>,
 }
@@ -102,7 +97,7 @@ pub struct PeerRegistry {
     me: RelayId,
     epoch: u32,
     endpoint: quinn::Endpoint,
-    inputs: mpsc::Sender<Input>,
+    core: CoreRef,
     domain: Arc<str>,
     static_peers: HashMap<RelayId, Peer>,
     known: std::sync::RwLock<HashMap<RelayId, Peer>>,
@@ -152,28 +147,38 @@ impl RelayHandle {
 
     /// Counters, links and gauges.
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        let (tx, rx) = oneshot::channel();
-        self.inputs
-            .send(Input::Snapshot(tx))
-            .await
-            .map_err(|_| anyhow::anyhow!("relay stopped"))?;
-        Ok(rx.await?)
+        let core = self.core.lock_running()?;
+        let now = Instant::now().into_std();
+        Ok(Snapshot {
+            stats: core.relay.stats().clone(),
+            links: core.relay.links(now),
+            clients: core.relay.client_count(),
+            channels: core.relay.channel_count(),
+            route_epoch: core.relay.route_table().epoch(),
+        })
     }
 
     /// Replaces the apps from the control plane (the config's stay).
-    pub async fn set_apps(&self, apps: HashMap<String, Vec<u8>>) -> anyhow::Result<()> {
-        self.inputs
-            .send(Input::SetApps(apps))
-            .await
-            .map_err(|_| anyhow::anyhow!("relay stopped"))
+    pub async fn set_apps(&self, mut apps: HashMap<String, Vec<u8>>) -> anyhow::Result<()> {
+        let mut core = self.core.lock_running()?;
+        for (id, secret) in &core.static_apps {
+            apps.entry(id.clone()).or_insert_with(|| secret.clone());
+        }
+        core.relay.set_apps(apps);
+        Ok(())
     }
 
     /// Starts (or ends) a drain ordered by the control plane.
     pub async fn set_draining(&self, draining: bool) -> anyhow::Result<()> {
-        self.inputs
-            .send(Input::SetDraining(draining))
-            .await
-            .map_err(|_| anyhow::anyhow!("relay stopped"))
+        self.core.act(|core, now| {
+            if draining && !core.relay.is_draining() {
+                info!("drained by the control plane: telling clients to move");
+                core.relay.begin_drain(now);
+            } else if !draining && core.relay.is_draining() {
+                info!("undrained by the control plane");
+                core.relay.end_drain();
+            }
+        })
     }
 
     /// Adds the peers the control plane announces (config peers stay).
@@ -183,34 +188,44 @@ impl RelayHandle {
 
     /// Installs a route table if it is newer than the current one.
     pub async fn set_routes(&self, table: RouteTable) -> anyhow::Result<bool> {
-        let (tx, rx) = oneshot::channel();
-        self.inputs
-            .send(Input::SetRoutes(table, tx))
-            .await
-            .map_err(|_| anyhow::anyhow!("relay stopped"))?;
-        Ok(rx.await?)
+        let mut installed = false;
+        self.core.act(|core, _| {
+            let epoch = table.epoch();
+            installed = core.relay.set_route_table(table);
+            if installed {
+                debug!(epoch, "route table installed");
+            }
+        })?;
+        Ok(installed)
     }
 
     /// Tells clients to move, waits until they left or the drain deadline
     /// passed, then closes everything.
     pub async fn drain_and_stop(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.inputs.send(Input::Drain(tx)).await.is_ok() {
+        let begun = self.core.act(|core, now| {
+            info!("draining");
+            core.relay.begin_drain(now);
+            core.drain_waiters.push(tx);
+        });
+        if begun.is_ok() {
             let _ = rx.await;
         }
+        self.core.stop();
         self.endpoint.close(
             VarInt::from_u32(CloseCode::Draining.code()),
             b"relay shut down",
         );
-        self.core.abort();
+        self.timers.abort();
         // Give the close frames a moment to leave.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
     /// Stops at once, without draining (tests).
     pub fn abort(&self) {
+        self.core.stop();
         self.endpoint.close(VarInt::from_u32(0), b"relay aborted");
-        self.core.abort();
+        self.timers.abort();
     }
 }
 
@@ -254,19 +269,21 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let mut relay = Relay::new(core_config);
     relay.set_route_table(config.routes.clone());
 
-    let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let metrics = RelayMetrics::new(id, &config.name, &config.core.region);
-    let core = tokio::spawn(
-        CoreTask {
+    let core = CoreRef(Arc::new(Shared {
+        core: Mutex::new(Core {
             static_apps: relay.config().apps.clone(),
             relay,
             clients: HashMap::new(),
             peers: HashMap::new(),
             metrics,
             drain_waiters: Vec::new(),
-        }
-        .run(rx),
-    );
+            stopped: false,
+            armed: None,
+        }),
+        timer_moved: Notify::new(),
+    }));
+    let timers = tokio::spawn(run_timers(core.clone()));
 
     let static_peers: HashMap<RelayId, Peer> =
         config.peers.iter().map(|p| (p.id, p.clone())).collect();
@@ -274,7 +291,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         me: id,
         epoch,
         endpoint: endpoint.clone(),
-        inputs: inputs.clone(),
+        core: core.clone(),
         domain: config.tls.domain().into(),
         known: std::sync::RwLock::new(HashMap::new()),
         static_peers,
@@ -285,8 +302,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     info!(relay = id.0, listen = %endpoint.local_addr()?, peers = config.peers.len(), "relay started");
     Ok(RelayHandle {
         endpoint,
-        inputs,
         core,
+        timers,
         id,
         peers,
     })
@@ -310,7 +327,8 @@ struct PeerConn {
     writer: mpsc::Sender<Bytes>,
 }
 
-struct CoreTask {
+/// The relay core and the connections it acts on.
+struct Core {
     relay: Relay,
     /// Apps from the config: they stay whatever the control plane says,
     /// as static peers do (a control plane that has not replicated its
@@ -320,41 +338,114 @@ struct CoreTask {
     peers: HashMap<RelayId, PeerConn>,
     metrics: RelayMetrics,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// Set when the relay stops: connection tasks then end.
+    stopped: bool,
+    /// The deadline the timer task sleeps until.
+    armed: Option<std::time::Instant>,
 }
 
-impl CoreTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
-        let mut batch = Vec::with_capacity(256);
-        let mut publish = tokio::time::interval(Duration::from_secs(1));
-        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let deadline = self.relay.poll_timeout().map(Instant::from_std);
-            tokio::select! {
-                n = rx.recv_many(&mut batch, 256) => {
-                    if n == 0 {
-                        return;
-                    }
-                    for input in batch.drain(..) {
-                        self.handle(input);
-                        // Act at once: a datagram should not wait for the
-                        // rest of the batch to be processed.
-                        self.execute();
-                    }
-                }
-                _ = sleep_until(deadline) => {
-                    self.relay.handle_timeout(Instant::now().into_std());
-                }
-                _ = publish.tick() => {
-                    self.metrics.publish(&self.relay, Instant::now().into_std());
-                }
-            }
-            self.execute();
-            self.check_drain();
-        }
+struct Shared {
+    core: Mutex<Core>,
+    /// Wakes the timer task when the core's next deadline came earlier
+    /// than the one it sleeps until.
+    timer_moved: Notify,
+}
+
+/// The core, shared by the connection tasks and the timer task. The lock
+/// is never held across an await.
+#[derive(Clone)]
+struct CoreRef(Arc<Shared>);
+
+impl std::fmt::Debug for CoreRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CoreRef")
+    }
+}
+
+impl CoreRef {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic under the lock is a bug that has already stopped the
+        // relay's forwarding: carry on with the state as it is rather
+        // than panic every connection task.
+        self.0
+            .core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn handle(&mut self, input: Input) {
-        let now = Instant::now().into_std();
+    fn lock_running(&self) -> anyhow::Result<MutexGuard<'_, Core>> {
+        let core = self.lock();
+        anyhow::ensure!(!core.stopped, "relay stopped");
+        Ok(core)
+    }
+
+    /// Runs `f` on the core, then carries out what the core decided.
+    /// Fails once the relay has stopped.
+    fn act(&self, f: impl FnOnce(&mut Core, std::time::Instant)) -> anyhow::Result<()> {
+        let mut core = self.lock_running()?;
+        f(&mut core, Instant::now().into_std());
+        core.execute();
+        core.check_drain();
+        let next = core.relay.poll_timeout();
+        let earlier = match (next, core.armed) {
+            (Some(next), Some(armed)) => next < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        drop(core);
+        if earlier {
+            self.0.timer_moved.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Hands the core what a connection task saw. False once the relay
+    /// has stopped: the task should end.
+    fn input(&self, input: Input) -> bool {
+        self.act(|core, now| core.handle(input, now)).is_ok()
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.0.timer_moved.notify_one();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.lock().stopped
+    }
+}
+
+/// Runs the core's timers (probes, link timeouts, the drain deadline) and
+/// publishes its metrics, until the relay stops.
+async fn run_timers(core: CoreRef) {
+    let mut publish = tokio::time::interval(Duration::from_secs(1));
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline = {
+            let mut core = core.lock();
+            if core.stopped {
+                return;
+            }
+            core.armed = core.relay.poll_timeout();
+            core.armed
+        };
+        tokio::select! {
+            _ = sleep_until(deadline.map(Instant::from_std)) => {
+                let _ = core.act(|core, now| core.relay.handle_timeout(now));
+            }
+            _ = core.0.timer_moved.notified() => {}
+            _ = publish.tick() => {
+                let mut core = core.lock();
+                let now = Instant::now().into_std();
+                let Core { metrics, relay, .. } = &mut *core;
+                metrics.publish(relay, now);
+            }
+        }
+    }
+}
+
+impl Core {
+    fn handle(&mut self, input: Input, now: std::time::Instant) {
         match input {
             Input::ClientConnected { id, conn, writer } => {
                 let observed = conn.remote_address();
@@ -407,46 +498,6 @@ impl CoreTask {
                     self.relay.handle_peer_disconnected(peer, now);
                 }
             }
-            Input::SetRoutes(table, reply) => {
-                let epoch = table.epoch();
-                let installed = self.relay.set_route_table(table);
-                if installed {
-                    debug!(epoch, "route table installed");
-                }
-                let _ = reply.send(installed);
-            }
-            Input::SetApps(mut apps) => {
-                for (id, secret) in &self.static_apps {
-                    apps.entry(id.clone()).or_insert_with(|| secret.clone());
-                }
-                self.relay.set_apps(apps);
-            }
-            Input::SetDraining(true) => {
-                if !self.relay.is_draining() {
-                    info!("drained by the control plane: telling clients to move");
-                    self.relay.begin_drain(now);
-                }
-            }
-            Input::SetDraining(false) => {
-                if self.relay.is_draining() {
-                    info!("undrained by the control plane");
-                    self.relay.end_drain();
-                }
-            }
-            Input::Drain(done) => {
-                info!("draining");
-                self.relay.begin_drain(now);
-                self.drain_waiters.push(done);
-            }
-            Input::Snapshot(reply) => {
-                let _ = reply.send(Snapshot {
-                    stats: self.relay.stats().clone(),
-                    links: self.relay.links(now),
-                    clients: self.relay.client_count(),
-                    channels: self.relay.channel_count(),
-                    route_epoch: self.relay.route_table().epoch(),
-                });
-            }
         }
     }
 
@@ -457,8 +508,8 @@ impl CoreTask {
     }
 
     fn execute(&mut self) {
-        let now = Instant::now().into_std();
         while let Some((peer, usable)) = self.relay.poll_link_change() {
+            let now = Instant::now().into_std();
             let link = self.relay.links(now).into_iter().find(|l| l.peer == peer);
             let (loss, rtt) = link.map_or((0.0, None), |l| (l.stats.loss, l.stats.rtt));
             if usable {
@@ -555,7 +606,7 @@ async fn accept_loop(peers: Arc<PeerRegistry>, next_client: Arc<AtomicU64>) {
             match negotiated_alpn(&conn).as_deref() {
                 Some(CLIENT_ALPN) => {
                     let id = ClientId(next_client.fetch_add(1, Ordering::Relaxed));
-                    serve_client(conn, id, peers.inputs.clone()).await;
+                    serve_client(conn, id, peers.core.clone()).await;
                 }
                 Some(PEER_ALPN) => {
                     if let Err(e) = accept_peer(conn, &peers).await {
@@ -571,7 +622,7 @@ async fn accept_loop(peers: Arc<PeerRegistry>, next_client: Arc<AtomicU64>) {
     }
 }
 
-async fn serve_client(conn: quinn::Connection, id: ClientId, inputs: mpsc::Sender<Input>) {
+async fn serve_client(conn: quinn::Connection, id: ClientId, core: CoreRef) {
     let (send, mut recv) = match tokio::time::timeout(STREAM_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         _ => {
@@ -583,22 +634,18 @@ async fn serve_client(conn: quinn::Connection, id: ClientId, inputs: mpsc::Sende
         }
     };
     let writer = spawn_writer(send, WRITER_QUEUE);
-    if inputs
-        .send(Input::ClientConnected {
-            id,
-            conn: conn.clone(),
-            writer,
-        })
-        .await
-        .is_err()
-    {
+    if !core.input(Input::ClientConnected {
+        id,
+        conn: conn.clone(),
+        writer,
+    }) {
         return;
     }
     let datagrams = {
-        let (conn, inputs) = (conn.clone(), inputs.clone());
+        let (conn, core) = (conn.clone(), core.clone());
         tokio::spawn(async move {
             while let Ok(d) = conn.read_datagram().await {
-                if inputs.send(Input::ClientDatagram(id, d)).await.is_err() {
+                if !core.input(Input::ClientDatagram(id, d)) {
                     break;
                 }
             }
@@ -607,7 +654,7 @@ async fn serve_client(conn: quinn::Connection, id: ClientId, inputs: mpsc::Sende
     loop {
         match read_frame(&mut recv, MAX_FRAME_LEN).await {
             Ok(Some(frame)) => {
-                if inputs.send(Input::ClientFrame(id, frame)).await.is_err() {
+                if !core.input(Input::ClientFrame(id, frame)) {
                     break;
                 }
             }
@@ -620,9 +667,7 @@ async fn serve_client(conn: quinn::Connection, id: ClientId, inputs: mpsc::Sende
                     CloseCode::ProtocolViolation
                 };
                 conn.close(VarInt::from_u32(code.code()), e.to_string().as_bytes());
-                let _ = inputs
-                    .send(Input::ClientViolation(id, code, e.to_string()))
-                    .await;
+                core.input(Input::ClientViolation(id, code, e.to_string()));
                 break;
             }
         }
@@ -633,7 +678,7 @@ async fn serve_client(conn: quinn::Connection, id: ClientId, inputs: mpsc::Sende
         b"control stream ended",
     );
     let _ = datagrams.await;
-    let _ = inputs.send(Input::ClientDisconnected(id)).await;
+    core.input(Input::ClientDisconnected(id));
 }
 
 /// Exchanges Hello frames on a new peer control stream.
@@ -677,7 +722,7 @@ async fn accept_peer(conn: quinn::Connection, peers: &PeerRegistry) -> anyhow::R
     if check_name(&cert, &relay_name(claimed, &peers.domain)).is_err() {
         return Err(refuse("certificate does not match the relay id"));
     }
-    run_peer(conn, send, recv, claimed, peers.inputs.clone()).await;
+    run_peer(conn, send, recv, claimed, peers.core.clone()).await;
     Ok(())
 }
 
@@ -689,12 +734,12 @@ async fn dial_loop(peers: Arc<PeerRegistry>, peer: Peer) {
         match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
             Ok(Ok((conn, send, recv))) => {
                 backoff = Duration::from_millis(100);
-                run_peer(conn, send, recv, peer.id, peers.inputs.clone()).await;
+                run_peer(conn, send, recv, peer.id, peers.core.clone()).await;
             }
             Ok(Err(e)) => debug!(peer = peer.id.0, error = %e, "dial failed"),
             Err(_) => debug!(peer = peer.id.0, "dial timed out"),
         }
-        if peers.inputs.is_closed() {
+        if peers.core.is_stopped() {
             return;
         }
         tokio::time::sleep(backoff).await;
@@ -729,45 +774,33 @@ async fn run_peer(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     peer: RelayId,
-    inputs: mpsc::Sender<Input>,
+    core: CoreRef,
 ) {
     let conn_id = conn.stable_id();
     let writer = spawn_writer(send, WRITER_QUEUE);
-    if inputs
-        .send(Input::PeerConnected {
-            peer,
-            conn: conn.clone(),
-            writer,
-        })
-        .await
-        .is_err()
-    {
+    if !core.input(Input::PeerConnected {
+        peer,
+        conn: conn.clone(),
+        writer,
+    }) {
         return;
     }
     let datagrams = {
-        let (conn, inputs) = (conn.clone(), inputs.clone());
+        let (conn, core) = (conn.clone(), core.clone());
         tokio::spawn(async move {
             while let Ok(d) = conn.read_datagram().await {
-                if inputs
-                    .send(Input::PeerDatagram(peer, conn_id, d))
-                    .await
-                    .is_err()
-                {
+                if !core.input(Input::PeerDatagram(peer, conn_id, d)) {
                     break;
                 }
             }
         })
     };
     while let Ok(Some(frame)) = read_frame(&mut recv, MAX_PEER_FRAME_LEN).await {
-        if inputs
-            .send(Input::PeerFrame(peer, conn_id, frame))
-            .await
-            .is_err()
-        {
+        if !core.input(Input::PeerFrame(peer, conn_id, frame)) {
             break;
         }
     }
     conn.close(VarInt::from_u32(0), b"control stream ended");
     let _ = datagrams.await;
-    let _ = inputs.send(Input::PeerDisconnected(peer, conn_id)).await;
+    core.input(Input::PeerDisconnected(peer, conn_id));
 }
