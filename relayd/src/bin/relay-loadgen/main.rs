@@ -39,7 +39,10 @@
 //! realtime` does the same for the generator's own threads (precise
 //! latencies, but a wake-up per datagram caps its rate). Every run prints
 //! the time the hypervisor took from the relays' and the generator's CPUs
-//! (steal).
+//! (steal). `--idle-poll` keeps the relays' CPUs from idling (a SCHED_IDLE
+//! spinner on each, as the kernel's `idle=poll` would): on a VM an idle
+//! virtual CPU halts and may wait for the hypervisor to run it again when
+//! the next packet comes.
 //! `--baseline` measures a plain UDP forwarder (`udp-forward`: no
 //! decryption, one `recvfrom` and one `sendto` per datagram, as a TURN
 //! relay without encryption) the same way, on the relays' CPU, and prints
@@ -210,6 +213,19 @@ struct Cli {
     /// relays' own latency from the host's scheduling noise.
     #[arg(long)]
     realtime: bool,
+    /// Keep the relays' CPUs from going idle: a thread under SCHED_IDLE
+    /// spins on each (needs the relays pinned, and root or CAP_SYS_NICE).
+    /// It runs only when nothing else on that CPU can, and gives way at
+    /// once to any thread that wakes there, so it takes no CPU time from
+    /// the relays. What it changes: an idle virtual CPU halts, the
+    /// hypervisor may give its physical CPU to another guest, and the
+    /// relay's next packet then waits for the virtual CPU to be run again
+    /// (counted as steal). This is what the kernel's `idle=poll`, or the
+    /// `cpuidle-haltpoll` driver of KVM guests, do for a CPU's idle time;
+    /// this machine has neither. Its time is the CPUs' idle time: the
+    /// relays' CPU figures leave it out.
+    #[arg(long)]
+    idle_poll: bool,
     /// Scheduling of the load generator's own threads. Under the normal
     /// policy its pacer and its receivers share its CPU in time slices,
     /// and datagrams wait in its sockets, up to milliseconds, for their
@@ -321,6 +337,54 @@ fn make_thread_realtime(priority: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// Processes that spin under SCHED_IDLE, one on each of the relays' CPUs,
+/// until dropped (`--idle-poll`). Processes, not threads of this one, so
+/// that the generator's CPU figures leave them out.
+struct IdlePoller {
+    spinners: Vec<Child>,
+}
+
+impl IdlePoller {
+    fn start(cpus: &[u32]) -> anyhow::Result<Self> {
+        let mut poller = Self {
+            spinners: Vec::new(),
+        };
+        for cpu in cpus {
+            // `:` is a shell builtin: the loop never leaves user space.
+            let child = Command::new("chrt")
+                .args(["--idle", "0", "taskset", "-c", &cpu.to_string()])
+                .args(["sh", "-c", "while :; do :; done"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting chrt")?;
+            poller.spinners.push(child);
+        }
+        // A spinner that could not be placed exits at once: refuse rather
+        // than leave one running where it should not.
+        std::thread::sleep(Duration::from_millis(100));
+        for child in &mut poller.spinners {
+            if let Some(status) = child.try_wait()? {
+                let mut why = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut why);
+                }
+                bail!("the spinner exited ({status}): {}", why.trim());
+            }
+        }
+        Ok(poller)
+    }
+}
+
+impl Drop for IdlePoller {
+    fn drop(&mut self) {
+        for child in &mut self.spinners {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// A process this load generator started (a relay, `udp-forward` or
@@ -1067,6 +1131,8 @@ struct Report {
     max_lateness_us: u64,
     /// Latency probes per second beside the load (0: none).
     probe_rate: u64,
+    /// Whether the relays' CPUs were kept from idling (`--idle-poll`).
+    idle_poll: bool,
     /// Whether the probes' threads ran under SCHED_FIFO.
     probes_realtime: bool,
     relays: Measured,
@@ -2322,6 +2388,26 @@ fn main() -> anyhow::Result<()> {
         cpus: placement.as_ref().map(|p| join_cpus(&p.relays)),
         realtime,
     };
+    let idle_poller = match (cli.idle_poll, &placement) {
+        (false, _) => None,
+        (true, None) => {
+            println!("cannot keep the relays' CPUs from idling: the relays are not pinned");
+            None
+        }
+        (true, Some(p)) => match IdlePoller::start(&p.relays) {
+            Ok(poller) => {
+                println!(
+                    "relays' CPU {} kept from idling: a SCHED_IDLE process spins there",
+                    join_cpus(&p.relays)
+                );
+                Some(poller)
+            }
+            Err(e) => {
+                println!("cannot keep the relays' CPUs from idling ({e:#})");
+                None
+            }
+        },
+    };
     // Unpinned, everything may run everywhere.
     let placement = placement.unwrap_or_else(|| {
         let all = allowed_cpus().unwrap_or_else(|_| {
@@ -2400,6 +2486,7 @@ fn main() -> anyhow::Result<()> {
             generator_realtime,
             max_lateness_us: cli.max_lateness_us,
             probe_rate: cli.probe_rate,
+            idle_poll: idle_poller.is_some(),
             probes_realtime,
             relays,
             baseline: take(Path::Forwarded),
@@ -2893,6 +2980,43 @@ mod tests {
             ..pinned
         };
         assert_eq!(argv(&realtime), "chrt --fifo 10 taskset -c 1 /bin/relayd");
+    }
+
+    #[test]
+    fn the_idle_poller_spins_under_sched_idle_on_each_cpu_until_dropped() {
+        let cpus = allowed_cpus().unwrap();
+        let cpu = *cpus.last().unwrap();
+        let poller = match IdlePoller::start(&[cpu]) {
+            Ok(p) => p,
+            // Only root (or CAP_SYS_NICE) may ask for SCHED_IDLE here.
+            Err(e) => {
+                let uid = std::fs::read_to_string("/proc/self/status").unwrap();
+                assert!(
+                    !uid.lines().any(|l| l.starts_with("Uid:\t0\t")),
+                    "refused as root: {e:#}"
+                );
+                return;
+            }
+        };
+        let pid = poller.spinners[0].id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command's closing parenthesis: state is the
+        // 3rd field of the line, the CPU last run on the 39th, the policy
+        // the 41st.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        assert_eq!(fields[41 - 3], "5", "SCHED_IDLE is policy 5: {stat}");
+        assert_eq!(fields[39 - 3], cpu.to_string(), "runs on CPU {cpu}: {stat}");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap();
+        assert_eq!(allowed.trim(), cpu.to_string());
+        drop(poller);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the spinner is gone once dropped"
+        );
     }
 
     #[test]
