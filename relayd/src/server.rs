@@ -364,9 +364,9 @@ impl std::fmt::Debug for CoreRef {
 
 impl CoreRef {
     fn lock(&self) -> MutexGuard<'_, Core> {
-        // A panic under the lock is a bug that has already stopped the
-        // relay's forwarding: carry on with the state as it is rather
-        // than panic every connection task.
+        // A panic under the lock (a bug) ends the task it happened in;
+        // the other tasks carry on with the state as the core left it
+        // rather than panic in turn.
         self.0
             .core
             .lock()
