@@ -1,6 +1,6 @@
 //! Black-box tests of `relayd`: config checking, forwarding between real
 //! processes through the netshim impairment proxy, refusal of bad clients,
-//! draining on SIGTERM, and the metrics endpoint.
+//! a stalled subscriber, draining on SIGTERM, and the metrics endpoint.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeSet;
@@ -448,4 +448,136 @@ async fn metrics_cover_links_forwarding_and_gauges() {
         rb.metric("relayd_forwarded_packets_total", "to=\"client\""),
         20.0
     );
+}
+
+/// Resident memory of a process, bytes (`VmRSS` in `/proc/<pid>/status`).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kb * 1024
+}
+
+/// A subscriber that stops reading (its process hangs: no reads, no ACKs,
+/// no keep-alives) costs the others nothing: the relay keeps sending its
+/// datagrams, which are lost at its full socket rather than queued in the
+/// relay, a healthy subscriber of the same channel receives everything, and
+/// the relay closes the stalled connection at its 5 s idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_is_dropped_without_harming_others() {
+    let cluster = Cluster::new(1, 0);
+    let relay = RelayProc::start(&cluster, RelaySpec::new(1));
+    let addr = relay.spec.addr();
+
+    let mut good = session(&cluster, addr).await;
+    let ch = good
+        .join("live", &token("live", "good", Role::Subscriber))
+        .await
+        .unwrap();
+    let mut publisher = session(&cluster, addr).await;
+    publisher
+        .join("live", &token("live", "seller", Role::Publisher))
+        .await
+        .unwrap();
+
+    // The stalled subscriber runs on a runtime of its own, on its own
+    // thread, which it then blocks: nothing reads its socket any more.
+    let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let stalled = {
+        let cluster_roots = cluster.roots();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                let config = relay_sdk::session::client_config(cluster_roots).unwrap();
+                let mut s = relay_sdk::Session::connect(
+                    &endpoint,
+                    config,
+                    addr,
+                    "localhost",
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+                s.join("live", &token("live", "stalled", Role::Subscriber))
+                    .await
+                    .unwrap();
+                joined_tx.send(()).unwrap();
+                // Stall: block the runtime's only thread until told.
+                let _ = resume_rx.recv();
+                // Back: the relay has given up on us.
+                tokio::time::timeout(Duration::from_secs(5), s.closed())
+                    .await
+                    .expect("the stalled session learns it was closed")
+            })
+        })
+    };
+    joined_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // metrics publish every second
+    assert_eq!(relay.metric("relayd_clients", ""), 3.0);
+    let rss_before = rss_bytes(relay.proc.child.id());
+
+    // 2,000 datagrams/s for 8 s: the stall outlasts the idle timeout.
+    let received = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::<u32>::new()));
+    let rx = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok(m) = good.recv_media().await {
+                let seq = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+                assert!(received.lock().unwrap().insert(seq), "duplicate {seq}");
+            }
+        })
+    };
+    let mut payload = vec![0u8; 200];
+    let start = Instant::now();
+    let mut rss_max = rss_before;
+    let mut dropped_after = None;
+    const SENT: u32 = 16_000;
+    for seq in 0..SENT {
+        payload[..4].copy_from_slice(&seq.to_be_bytes());
+        publisher.publish(ch.channel, &payload).unwrap();
+        if seq % 1000 == 999 {
+            rss_max = rss_max.max(rss_bytes(relay.proc.child.id()));
+            if dropped_after.is_none() && relay.metric("relayd_clients", "") == 2.0 {
+                dropped_after = Some(start.elapsed());
+            }
+        }
+        let next = start + Duration::from_micros(500 * u64::from(seq + 1));
+        tokio::time::sleep_until(next.into()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rx.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dropped_after.is_none() && Instant::now() < deadline {
+        if relay.metric("relayd_clients", "") == 2.0 {
+            dropped_after = Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    resume_tx.send(()).unwrap();
+    let why = stalled.join().unwrap();
+
+    let got = received.lock().unwrap().len() as u32;
+    let grew = rss_max.saturating_sub(rss_before);
+    println!(
+        "stalled subscriber: closed by the relay {dropped_after:?} after the stream began; \
+         the healthy one got {got} of {SENT}; relay RSS grew {} KB; the stalled session saw {why}",
+        grew / 1024
+    );
+    assert_eq!(got, SENT, "the healthy subscriber lost datagrams");
+    let dropped_after = dropped_after.expect("the relay never closed the stalled client");
+    assert!(
+        dropped_after < Duration::from_secs(9),
+        "closed only after {dropped_after:?}"
+    );
+    // What the relay holds for a stalled client is bounded by the rate
+    // times the idle timeout, not by how long it stays stalled.
+    assert!(grew < 32 << 20, "relay RSS grew by {grew} bytes");
 }
