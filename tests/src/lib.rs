@@ -173,6 +173,11 @@ impl RelaySpec {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// Where the relay serves its metrics.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
+    }
+
     /// The config file text.
     pub fn toml(&self, pki: &Path) -> String {
         let mut s = format!(
@@ -322,10 +327,7 @@ impl RelayProc {
 
     /// The metrics page, if the endpoint answers.
     pub fn scrape(&self) -> Option<String> {
-        http_get(
-            SocketAddr::from(([127, 0, 0, 1], self.spec.metrics_port)),
-            "/metrics",
-        )
+        http_get(self.spec.metrics_addr(), "/metrics")
     }
 
     /// Sum of a metric's samples whose label set contains `labels`.
@@ -426,7 +428,14 @@ pub fn client_endpoint(cluster: &Cluster) -> (quinn::Endpoint, quinn::ClientConf
 
 /// Connects an SDK session to a relay.
 pub async fn session(cluster: &Cluster, addr: SocketAddr) -> Session {
-    let (endpoint, config) = client_endpoint(cluster);
+    session_trusting(cluster.roots(), addr).await
+}
+
+/// Connects an SDK session to a relay whose certificate `roots` sign
+/// (for sessions on threads that cannot borrow the [`Cluster`]).
+pub async fn session_trusting(roots: Arc<rustls::RootCertStore>, addr: SocketAddr) -> Session {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = client_config(roots).unwrap();
     Session::connect(&endpoint, config, addr, "localhost", Duration::from_secs(5))
         .await
         .expect("session connects")

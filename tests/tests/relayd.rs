@@ -488,24 +488,14 @@ async fn a_stalled_subscriber_is_dropped_without_harming_others() {
     let (joined_tx, joined_rx) = std::sync::mpsc::channel();
     let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
     let stalled = {
-        let cluster_roots = cluster.roots();
+        let roots = cluster.roots();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-                let config = relay_sdk::session::client_config(cluster_roots).unwrap();
-                let mut s = relay_sdk::Session::connect(
-                    &endpoint,
-                    config,
-                    addr,
-                    "localhost",
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap();
+                let mut s = session_trusting(roots, addr).await;
                 s.join("live", &token("live", "stalled", Role::Subscriber))
                     .await
                     .unwrap();
@@ -535,32 +525,49 @@ async fn a_stalled_subscriber_is_dropped_without_harming_others() {
             }
         })
     };
-    let mut payload = vec![0u8; 200];
+    // A watcher thread samples the relay's RSS and client gauge (blocking
+    // reads) off the publishing loop, until the stream has ended and the
+    // relay closed the stalled client, or 14 s (the 8 s stream and more
+    // than the idle timeout again) have passed.
     let start = Instant::now();
-    let mut rss_max = rss_before;
-    let mut dropped_after = None;
+    let streaming = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (streaming, pid, metrics) = (
+            streaming.clone(),
+            relay.proc.child.id(),
+            relay.spec.metrics_addr(),
+        );
+        std::thread::spawn(move || {
+            let mut rss_max = rss_before;
+            let mut dropped_after = None;
+            let give_up = start + Duration::from_secs(14);
+            loop {
+                rss_max = rss_max.max(rss_bytes(pid));
+                let page = http_get(metrics, "/metrics").unwrap_or_default();
+                if dropped_after.is_none() && metric_value(&page, "relayd_clients", "") == 2.0 {
+                    dropped_after = Some(start.elapsed());
+                }
+                let done = dropped_after.is_some()
+                    && !streaming.load(std::sync::atomic::Ordering::Relaxed);
+                if done || Instant::now() > give_up {
+                    return (rss_max, dropped_after);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut payload = vec![0u8; 200];
     const SENT: u32 = 16_000;
     for seq in 0..SENT {
         payload[..4].copy_from_slice(&seq.to_be_bytes());
         publisher.publish(ch.channel, &payload).unwrap();
-        if seq % 1000 == 999 {
-            rss_max = rss_max.max(rss_bytes(relay.proc.child.id()));
-            if dropped_after.is_none() && relay.metric("relayd_clients", "") == 2.0 {
-                dropped_after = Some(start.elapsed());
-            }
-        }
         let next = start + Duration::from_micros(500 * u64::from(seq + 1));
         tokio::time::sleep_until(next.into()).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     rx.abort();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while dropped_after.is_none() && Instant::now() < deadline {
-        if relay.metric("relayd_clients", "") == 2.0 {
-            dropped_after = Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    streaming.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (rss_max, dropped_after) = watcher.join().unwrap();
     resume_tx.send(()).unwrap();
     let why = stalled.join().unwrap();
 
